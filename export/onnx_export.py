@@ -1,0 +1,228 @@
+"""PyTorch -> ONNX export of an EmbeddingModel, checked against PyTorch, cached by weights hash.
+
+An export directory holds ``model.onnx`` (fp32), optionally ``model.fp16.onnx`` and a TensorRT
+plan, and ``metadata.json``: model id, weights sha256, preprocessing, dim, opset and the parity
+figures of every artefact. The directory is written atomically, so a half-finished export is
+never picked up by a later run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fastret.engine.files import write_text_atomic
+from fastret.engine.decode import ImageError, Preprocessing, list_images, load_pixels
+from fastret.export.models import ModelSource, load_torch_model
+
+ONNX_OPSET = 17
+METADATA_FILE = "metadata.json"
+FP32_ONNX = "model.onnx"
+FP16_ONNX = "model.fp16.onnx"
+INPUT_NAME = "pixels"
+OUTPUT_NAME = "embeddings"
+PARITY_MIN_COSINE = 0.9999
+PARITY_MAX_ABS = 2e-3
+PARITY_IMAGES = 16
+
+
+class ExportError(Exception):
+    """An export that failed or whose parity check is outside tolerance."""
+
+
+@dataclass(frozen=True)
+class Parity:
+    """How close one runtime's embeddings are to the fp32 PyTorch reference."""
+
+    max_abs_diff: float
+    min_cosine: float
+    images: int
+    source: str  # where the parity images came from
+
+    def to_dict(self) -> dict:
+        return {
+            "max_abs_diff": self.max_abs_diff,
+            "min_cosine": self.min_cosine,
+            "images": self.images,
+            "source": self.source,
+        }
+
+    def line(self, label: str) -> str:
+        return (
+            f"{label}: max abs diff {self.max_abs_diff:.2e}, min cosine {self.min_cosine:.6f} "
+            f"over {self.images} images ({self.source})"
+        )
+
+
+def compare_embeddings(reference: np.ndarray, candidate: np.ndarray, source: str) -> Parity:
+    """Max absolute difference and minimum row cosine between two (N, D) embedding sets."""
+    ref = reference.astype(np.float64)
+    cand = candidate.astype(np.float64)
+    cosines = (ref * cand).sum(1) / (
+        np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1) + 1e-30
+    )
+    return Parity(
+        max_abs_diff=float(np.abs(ref - cand).max()),
+        min_cosine=float(cosines.min()),
+        images=len(ref),
+        source=source,
+    )
+
+
+def cache_root() -> Path:
+    """Where exports live: $FASTRET_CACHE, else ~/.cache/fastret."""
+    return Path(os.environ.get("FASTRET_CACHE", Path.home() / ".cache" / "fastret")).expanduser()
+
+
+def export_dir_for(source: ModelSource, root: Path | None = None) -> Path:
+    """The cache directory of one model: keyed by model id and weights hash."""
+    slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in source.model_id)[-60:]
+    return (root or cache_root()) / "models" / f"{slug}-{source.weights_sha256[:16]}"
+
+
+def parity_pixels(spec: Preprocessing, image_dir: Path | None, count: int = PARITY_IMAGES) -> tuple[np.ndarray, str]:
+    """Real images for parity checks when a folder is given, else seeded synthetic photos-like noise."""
+    if image_dir is not None:
+        crops = []
+        for path in list_images(image_dir):
+            try:
+                crops.append(load_pixels(path, spec))
+            except ImageError:
+                continue
+            if len(crops) == count:
+                break
+        if crops:
+            return np.stack(crops), f"real images from {image_dir}"
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0 : spec.size, 0 : spec.size] / spec.size
+    base = np.stack([yy, xx, (yy + xx) / 2], axis=-1)[None] * 255
+    noise = rng.normal(0, 40, size=(count, spec.size, spec.size, 3))
+    synthetic = np.clip(base * rng.uniform(0.3, 1.0, size=(count, 1, 1, 3)) + noise, 0, 255)
+    return synthetic.astype(np.uint8), "seeded synthetic images (no image folder given)"
+
+
+def torch_embed(model: torch.nn.Module, pixels: np.ndarray, batch_size: int = 16) -> np.ndarray:
+    with torch.inference_mode():
+        parts = [model(torch.from_numpy(pixels[i : i + batch_size])) for i in range(0, len(pixels), batch_size)]
+    return torch.cat(parts).numpy()
+
+
+def _export_graph(model: torch.nn.Module, spec: Preprocessing, path: Path, opset: int) -> None:
+    example = torch.zeros((2, spec.size, spec.size, 3), dtype=torch.uint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's notes on constant folding are not actionable
+        _onnx_export(model, example, path, opset)
+
+
+def _onnx_export(model: torch.nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
+    torch.onnx.export(
+        model,
+        (example,),
+        str(path),
+        input_names=[INPUT_NAME],
+        output_names=[OUTPUT_NAME],
+        dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+        opset_version=opset,
+        dynamo=False,
+    )
+
+
+def onnx_embed(path: Path, pixels: np.ndarray, batch_size: int = 16) -> np.ndarray:
+    """Embeddings from an ONNX file on the CPU provider, for parity checks."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    parts = [
+        session.run([OUTPUT_NAME], {INPUT_NAME: pixels[i : i + batch_size]})[0]
+        for i in range(0, len(pixels), batch_size)
+    ]
+    return np.concatenate(parts).astype(np.float32)
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True))
+
+
+def read_metadata(export_dir: Path) -> dict:
+    path = export_dir / METADATA_FILE
+    if not path.is_file():
+        raise ExportError(f"{export_dir}: no {METADATA_FILE}; not a fastret export")
+    return json.loads(path.read_text())
+
+
+def export_onnx(
+    source: ModelSource,
+    out_dir: Path | None = None,
+    *,
+    image_dir: Path | None = None,
+    opset: int = ONNX_OPSET,
+    log=print,
+) -> Path:
+    """Export, check parity against PyTorch, write metadata; return the export directory."""
+    if opset < 17:
+        raise ExportError(f"opset {opset} is too old: fastret needs >= 17")
+    out_dir = Path(out_dir) if out_dir is not None else export_dir_for(source)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    model = load_torch_model(source)
+    pixels, pixel_source = parity_pixels(source.preprocessing, image_dir)
+    reference = torch_embed(model, pixels)
+    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
+    try:
+        _export_graph(model, source.preprocessing, staging / FP32_ONNX, opset)
+        parity = compare_embeddings(reference, onnx_embed(staging / FP32_ONNX, pixels), pixel_source)
+        log(parity.line("ONNX fp32 vs PyTorch"))
+        if parity.min_cosine < PARITY_MIN_COSINE or parity.max_abs_diff > PARITY_MAX_ABS:
+            raise ExportError(
+                f"ONNX export of {source.model_id} is outside tolerance: min cosine "
+                f"{parity.min_cosine:.6f} (need >= {PARITY_MIN_COSINE}), max abs diff "
+                f"{parity.max_abs_diff:.2e} (need <= {PARITY_MAX_ABS:.0e})"
+            )
+        metadata = {
+            "format": 1,
+            "model_id": source.model_id,
+            "family": source.family,
+            "weights_sha256": source.weights_sha256,
+            "dim": source.dim,
+            "preprocessing": source.preprocessing.to_dict(),
+            "opset": opset,
+            "input": INPUT_NAME,
+            "output": OUTPUT_NAME,
+            "torch_version": torch.__version__,
+            "artefacts": {FP32_ONNX: {"precision": "fp32", "parity_vs_torch": parity.to_dict()}},
+            "export_seconds": round(time.perf_counter() - started, 2),
+        }
+        write_json_atomic(staging / METADATA_FILE, metadata)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out_dir
+
+
+def ensure_exported(source: ModelSource, *, image_dir: Path | None = None, log=print) -> Path:
+    """The cached export of a model, exporting on first use only."""
+    out_dir = export_dir_for(source)
+    if (out_dir / METADATA_FILE).is_file() and (out_dir / FP32_ONNX).is_file():
+        metadata = read_metadata(out_dir)
+        if metadata.get("weights_sha256") == source.weights_sha256:
+            return out_dir
+    log(f"exporting {source.model_id} to ONNX (first use; cached in {out_dir})")
+    return export_onnx(source, out_dir, image_dir=image_dir, log=log)
+
+
+def add_artefact(export_dir: Path, name: str, info: dict) -> None:
+    """Record an extra artefact (fp16 ONNX, TensorRT plan, INT8 model) in metadata.json."""
+    metadata = read_metadata(export_dir)
+    metadata.setdefault("artefacts", {})[name] = info
+    write_json_atomic(export_dir / METADATA_FILE, metadata)
