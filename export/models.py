@@ -7,8 +7,9 @@ A model is named by one of:
   - a local directory holding a Hugging Face CLIP checkpoint;
   - ``auto``: CLIP ViT-B/32 when its weights are cached or quickly fetchable, else the bundled model.
 
-Every model is wrapped as an `EmbeddingModel`: uint8 NHWC pixels in, L2-normalised float32
-embeddings out, normalisation included, so every runtime exported from it returns the same vectors.
+Every model is wrapped as an `EmbeddingModel` (fastret.export.torch_models): uint8 NHWC pixels
+in, L2-normalised float32 embeddings out, normalisation included, so every runtime exported from it
+returns the same vectors.
 """
 
 from __future__ import annotations
@@ -19,9 +20,6 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
-
-import torch
-from torch import nn
 
 from fastret.engine.decode import Preprocessing
 from fastret.engine.files import sha256_files
@@ -53,43 +51,6 @@ class ModelSource:
     weights_sha256: str
     preprocessing: Preprocessing
     dim: int
-
-
-class EmbeddingModel(nn.Module):
-    """uint8 (N, H, W, 3) pixels -> L2-normalised float32 (N, D) embeddings."""
-
-    def __init__(self, backbone: nn.Module, preprocessing: Preprocessing) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.register_buffer("mean", torch.tensor(preprocessing.mean).view(1, 3, 1, 1))
-        self.register_buffer("inv_std", 1.0 / torch.tensor(preprocessing.std).view(1, 3, 1, 1))
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = (pixels.permute(0, 3, 1, 2).float() - self.mean) * self.inv_std
-        features = self.backbone(x)
-        return features / features.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-
-
-class _EfficientNetFeatures(nn.Module):
-    """EfficientNet trunk + global average pool: the 1280-d penultimate features."""
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net.extract_features(x).mean(dim=(2, 3))
-
-
-class _ClipImageEmbeds(nn.Module):
-    """CLIPVisionModelWithProjection -> image_embeds (the projected, CLIP-space vector)."""
-
-    def __init__(self, clip_vision: nn.Module) -> None:
-        super().__init__()
-        self.clip_vision = clip_vision
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.clip_vision(pixel_values=x).image_embeds
 
 
 def _bundled_weights() -> Path:
@@ -253,31 +214,11 @@ def resolve_model(name: str) -> tuple[ModelSource, str]:
     )
 
 
-def _efficientnet_backbone(weights: Path) -> nn.Module:
-    from efficientnet_lite_pytorch import EfficientNet
+def load_torch_model(source: ModelSource):
+    """The fp32 PyTorch EmbeddingModel of a ModelSource, in eval mode: the reference every runtime matches.
 
-    net = EfficientNet.from_name("efficientnet-lite2")
-    state = torch.load(weights, map_location="cpu", weights_only=True)
-    missing, unexpected = net.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ModelNotFound(f"{weights}: weights do not match EfficientNet-Lite2 ({missing or unexpected})")
-    return _EfficientNetFeatures(net)
+    torch is imported here, not at module load, so searching with an exported model never pays for it.
+    """
+    from fastret.export.torch_models import build_embedding_model
 
-
-def _clip_backbone(directory: Path) -> nn.Module:
-    from transformers import CLIPVisionModelWithProjection
-
-    # Eager attention traces to plain MatMul/Softmax ops every ONNX runtime supports.
-    model = CLIPVisionModelWithProjection.from_pretrained(directory, attn_implementation="eager")
-    return _ClipImageEmbeds(model)
-
-
-def load_torch_model(source: ModelSource) -> EmbeddingModel:
-    """The fp32 PyTorch module of a ModelSource, in eval mode: the reference every runtime matches."""
-    if source.family == "efficientnet-lite":
-        backbone = _efficientnet_backbone(source.location)
-    elif source.family == "clip":
-        backbone = _clip_backbone(source.location)
-    else:
-        raise ModelNotFound(f"unknown model family {source.family!r}")
-    return EmbeddingModel(backbone, source.preprocessing).eval()
+    return build_embedding_model(source)

@@ -17,12 +17,16 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 
 from fastret.engine.files import write_text_atomic
 from fastret.engine.decode import ImageError, Preprocessing, list_images, load_pixels
 from fastret.export.models import ModelSource, load_torch_model
+
+if TYPE_CHECKING:
+    import torch
 
 ONNX_OPSET = 17
 METADATA_FILE = "metadata.json"
@@ -111,12 +115,16 @@ def parity_pixels(spec: Preprocessing, image_dir: Path | None, count: int = PARI
 
 
 def torch_embed(model: torch.nn.Module, pixels: np.ndarray, batch_size: int = 16) -> np.ndarray:
+    import torch
+
     with torch.inference_mode():
         parts = [model(torch.from_numpy(pixels[i : i + batch_size])) for i in range(0, len(pixels), batch_size)]
     return torch.cat(parts).numpy()
 
 
 def _export_graph(model: torch.nn.Module, spec: Preprocessing, path: Path, opset: int) -> None:
+    import torch
+
     example = torch.zeros((2, spec.size, spec.size, 3), dtype=torch.uint8)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tracer's notes on constant folding are not actionable
@@ -124,6 +132,8 @@ def _export_graph(model: torch.nn.Module, spec: Preprocessing, path: Path, opset
 
 
 def _onnx_export(model: torch.nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
+    import torch
+
     torch.onnx.export(
         model,
         (example,),
@@ -134,6 +144,12 @@ def _onnx_export(model: torch.nn.Module, example: torch.Tensor, path: Path, opse
         opset_version=opset,
         dynamo=False,
     )
+
+
+def _torch_version() -> str:
+    import torch
+
+    return torch.__version__
 
 
 def onnx_embed(path: Path, pixels: np.ndarray, batch_size: int = 16) -> np.ndarray:
@@ -197,7 +213,7 @@ def export_onnx(
             "opset": opset,
             "input": INPUT_NAME,
             "output": OUTPUT_NAME,
-            "torch_version": torch.__version__,
+            "torch_version": _torch_version(),
             "artefacts": {FP32_ONNX: {"precision": "fp32", "parity_vs_torch": parity.to_dict()}},
             "export_seconds": round(time.perf_counter() - started, 2),
         }

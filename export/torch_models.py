@@ -1,0 +1,78 @@
+"""PyTorch modules of the registry's models: pixels in, L2-normalised embeddings out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fastret.engine.decode import Preprocessing
+from fastret.export.models import ModelNotFound, ModelSource
+
+
+class EmbeddingModel(nn.Module):
+    """uint8 (N, H, W, 3) pixels -> L2-normalised float32 (N, D) embeddings."""
+
+    def __init__(self, backbone: nn.Module, preprocessing: Preprocessing) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.register_buffer("mean", torch.tensor(preprocessing.mean).view(1, 3, 1, 1))
+        self.register_buffer("inv_std", 1.0 / torch.tensor(preprocessing.std).view(1, 3, 1, 1))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = (pixels.permute(0, 3, 1, 2).float() - self.mean) * self.inv_std
+        features = self.backbone(x)
+        return features / features.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+class _EfficientNetFeatures(nn.Module):
+    """EfficientNet trunk + global average pool: the 1280-d penultimate features."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.extract_features(x).mean(dim=(2, 3))
+
+
+class _ClipImageEmbeds(nn.Module):
+    """CLIPVisionModelWithProjection -> image_embeds (the projected, CLIP-space vector)."""
+
+    def __init__(self, clip_vision: nn.Module) -> None:
+        super().__init__()
+        self.clip_vision = clip_vision
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.clip_vision(pixel_values=x).image_embeds
+
+
+def _efficientnet_backbone(weights: Path) -> nn.Module:
+    from efficientnet_lite_pytorch import EfficientNet
+
+    net = EfficientNet.from_name("efficientnet-lite2")
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ModelNotFound(f"{weights}: weights do not match EfficientNet-Lite2 ({missing or unexpected})")
+    return _EfficientNetFeatures(net)
+
+
+def _clip_backbone(directory: Path) -> nn.Module:
+    from transformers import CLIPVisionModelWithProjection
+
+    # Eager attention traces to plain MatMul/Softmax ops every ONNX runtime supports.
+    model = CLIPVisionModelWithProjection.from_pretrained(directory, attn_implementation="eager")
+    return _ClipImageEmbeds(model)
+
+
+def build_embedding_model(source: ModelSource) -> EmbeddingModel:
+    """The fp32 PyTorch module of a ModelSource, in eval mode."""
+    if source.family == "efficientnet-lite":
+        backbone = _efficientnet_backbone(source.location)
+    elif source.family == "clip":
+        backbone = _clip_backbone(source.location)
+    else:
+        raise ModelNotFound(f"unknown model family {source.family!r}")
+    return EmbeddingModel(backbone, source.preprocessing).eval()
