@@ -190,6 +190,11 @@ def exact_search(embeddings: np.ndarray, queries: np.ndarray, k: int) -> tuple[n
         np.arange(scores.shape[1]), (len(scores), 1)
     )
     part_scores = np.take_along_axis(scores, part, axis=1)
+    # argpartition keeps arbitrary members of a tie at the k-th place: redo those rows stably.
+    straddle = (scores >= part_scores.min(axis=1, keepdims=True)).sum(axis=1) > k
+    if straddle.any():
+        part[straddle] = np.argsort(-scores[straddle], axis=1, kind="stable")[:, :k]
+        part_scores = np.take_along_axis(scores, part, axis=1)
     order = np.lexsort((part, -part_scores), axis=1)
     ids = np.take_along_axis(part, order, axis=1)
     return ids.astype(np.int64), np.take_along_axis(scores, ids, axis=1).astype(np.float32)
@@ -238,7 +243,7 @@ def read_manifest(version: Path) -> dict:
         manifest = json.loads((version / MANIFEST).read_text())
     except FileNotFoundError:
         raise BadIndex(f"{version}: damaged index, {MANIFEST} is missing") from None
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BadIndex(f"{version}: damaged index, {MANIFEST} is not valid JSON ({exc})") from None
     found = manifest.get("format_version") if isinstance(manifest, dict) else None
     if found != FORMAT_VERSION:
@@ -246,6 +251,9 @@ def read_manifest(version: Path) -> dict:
             f"{version}: index format version {found!r} is not supported (this fastret reads "
             f"version {FORMAT_VERSION}); re-index with `fastret index`"
         )
+    missing = [key for key in ("files", "model", "dim", "count", "root", "hnsw", "created") if key not in manifest]
+    if missing:
+        raise BadIndex(f"{version}: damaged index, {MANIFEST} lacks {', '.join(missing)}")
     return manifest
 
 

@@ -74,3 +74,77 @@ def bundled_onnx(bundled_source, model_cache):
     from fastret.engine.load import encoder_for_source
 
     return encoder_for_source(bundled_source, "onnxruntime", log=lambda _: None)
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    import struct
+    import zlib
+
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def header_bomb_png(side: int) -> bytes:
+    """A valid 1-bit black PNG of side x side pixels: tens of KB on disk, side² pixels decoded."""
+    import struct
+    import zlib
+
+    row = bytes(1 + (side + 7) // 8)  # filter byte + packed bits
+    packer = zlib.compressobj(9)
+    idat = b"".join(packer.compress(row) for _ in range(side)) + packer.flush()
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)  # 1-bit greyscale
+    return (
+        b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
+    )
+
+
+@pytest.fixture(scope="session")
+def bad_images(tmp_path_factory) -> dict[str, tuple[Path, str]]:
+    """One file of each broken kind: name -> (path, a fragment its skip reason must contain)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("bad-images")
+    rng = np.random.default_rng(0)
+    jpeg = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (120, 160, 3), dtype=np.uint8)).save(jpeg, "JPEG", quality=90)
+    contents = {
+        "empty.jpg": (b"", "empty file"),
+        "truncated.jpg": (jpeg.getvalue()[: len(jpeg.getvalue()) // 2], "truncated"),
+        "corrupt.jpg": (rng.integers(0, 256, 4096, dtype=np.uint8).tobytes(), "not an image"),
+        "text.png": (b"this is a text file, not a picture\n", "not an image"),
+        "bomb.png": (header_bomb_png(20_000), "decompression bomb"),
+    }
+    found = {}
+    for name, (data, reason) in contents.items():
+        (folder / name).write_bytes(data)
+        found[name] = (folder / name, reason)
+    return found
+
+
+@pytest.fixture(scope="session")
+def odd_mode_images(tmp_path_factory) -> dict[str, tuple[Path, tuple[int, int, int]]]:
+    """Uniform images in unusual modes: name -> (path, the RGB every pixel must decode to)."""
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("odd-modes")
+    palette = [0, 0, 0, 10, 200, 30] + [0] * (256 * 3 - 6)
+    made = {}
+
+    def save(name: str, img: Image.Image, rgb: tuple[int, int, int], **options) -> None:
+        img.save(folder / name, **options)
+        made[name] = (folder / name, rgb)
+
+    save("cmyk.jpg", Image.new("CMYK", (90, 60), (0, 255, 255, 0)), (255, 0, 0), quality=95)
+    opaque = Image.new("P", (70, 50), 1)
+    opaque.putpalette(palette)
+    save("palette.png", opaque, (10, 200, 30))
+    clear = Image.new("P", (70, 50), 0)  # index 0 is black in the palette, but transparent
+    clear.putpalette(palette)
+    save("palette-transparent.png", clear, (255, 255, 255), transparency=0)
+    save("la.png", Image.new("LA", (50, 70), (0, 0)), (255, 255, 255))
+    save("grey16.png", Image.fromarray(np.full((60, 80), 65535, np.uint16)), (255, 255, 255))
+    save("rgba.png", Image.new("RGBA", (64, 64), (0, 0, 0, 0)), (255, 255, 255))
+    return made
