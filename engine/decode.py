@@ -10,6 +10,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
@@ -65,11 +66,14 @@ class Preprocessing:
         )
 
 
-def open_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Open lazily and check the header: type, size and the decompression-bomb bound."""
-    path = Path(path)
+def open_image(path: str | Path | BinaryIO, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open lazily and check the header: type, size and the decompression-bomb bound.
+
+    `path` may also be a seekable binary file (an upload held in memory).
+    """
+    path = path if hasattr(path, "read") else Path(path)
     try:
-        if path.stat().st_size == 0:
+        if _byte_size(path) == 0:
             raise ImageError("empty file (0 bytes)")
         img = Image.open(path)
     except ImageError:
@@ -88,6 +92,14 @@ def open_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
     if width < 1 or height < 1:
         raise ImageError(f"degenerate size {width}x{height}")
     return img
+
+
+def _byte_size(source: Path | BinaryIO) -> int:
+    if isinstance(source, Path):
+        return source.stat().st_size
+    size = source.seek(0, 2)
+    source.seek(0)
+    return size
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -123,7 +135,7 @@ def resize_and_crop(img: Image.Image, spec: Preprocessing) -> Image.Image:
 
 
 def load_pixels(
-    path: str | Path,
+    path: str | Path | BinaryIO,
     spec: Preprocessing,
     *,
     draft: bool = True,

@@ -1,0 +1,8 @@
+"""The web app and HTTP API: search an index from a browser or with `curl`.
+
+`create_app(index, encoder)` builds the FastAPI app; `fastret serve` runs it under uvicorn.
+Needs the `web` extra (`pip install 'fastret[web]'`).
+"""
+
+DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
+"""Largest query upload the API accepts by default (`fastret serve --max-upload-mb`)."""

@@ -1,0 +1,58 @@
+"""Indexed items -> files on disk, for the thumbnails and images the page shows.
+
+The web app serves only files that are in the index, addressed by item id. A path is resolved
+under the index root and refused if its real path (symlinks followed) leaves that root.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+from PIL import Image
+
+from fastret.engine.decode import IMAGE_SUFFIXES, ImageError, open_image, to_rgb
+from fastret.engine.index import Index
+
+THUMBNAIL_SIZE = 256
+
+
+class ItemNotFound(Exception):
+    """No servable file for this item id; str() says why."""
+
+
+def parse_item_id(index: Index, raw: str) -> int:
+    """A decimal item id within the index, or ItemNotFound (never an arbitrary string)."""
+    if not (raw.isascii() and raw.isdigit()) or int(raw) >= len(index):
+        raise ItemNotFound(f"no item {raw!r} in the index ({len(index)} items)")
+    return int(raw)
+
+
+def item_file(index: Index, item_id: int) -> Path:
+    """The real path of an indexed item, only if it is a regular image file inside the root."""
+    root = os.path.realpath(index.root)
+    real = os.path.realpath(os.path.join(root, index.items[item_id].path))
+    if os.path.commonpath([root, real]) != root:
+        raise ItemNotFound(f"item {item_id} resolves outside the index root")
+    path = Path(real)
+    if path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file():
+        raise ItemNotFound(f"item {item_id} is no longer a file")
+    return path
+
+
+def thumbnail_jpeg(path: Path, size: int = THUMBNAIL_SIZE) -> bytes:
+    """A JPEG no larger than size x size, aspect kept; raises ImageError for unreadable files."""
+    img = open_image(path)
+    try:
+        with img:
+            if img.format == "JPEG":
+                img.draft("RGB", (size, size))
+            img.load()
+            rgb = to_rgb(img)
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageError(f"cannot decode: {exc}") from None
+    rgb.thumbnail((size, size), Image.Resampling.LANCZOS)
+    out = io.BytesIO()
+    rgb.save(out, format="JPEG", quality=85, optimize=True)
+    return out.getvalue()

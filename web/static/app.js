@@ -1,0 +1,120 @@
+// fastret search page: plain JS, no build step. Text from the server goes in via textContent only.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+let lastQuery = null; // {kind: "upload", file} or {kind: "item", id, path}
+
+function options() {
+  const params = new URLSearchParams({ k: $("k").value, score: $("score").value, exact: $("exact").checked });
+  return params.toString();
+}
+
+function showQueryImage(src, name) {
+  const img = $("query-image");
+  if (img.dataset.blob) URL.revokeObjectURL(img.dataset.blob);
+  img.dataset.blob = src.startsWith("blob:") ? src : "";
+  img.src = src;
+  img.hidden = false;
+  $("drop-hint").hidden = true;
+  $("query-name").textContent = name;
+}
+
+function setStatus(text, isError = false) {
+  $("status").textContent = text;
+  $("status").classList.toggle("error", isError);
+}
+
+async function run(url, body) {
+  setStatus("Searching…");
+  document.body.classList.add("busy");
+  try {
+    const response = await fetch(url, { method: "POST", body });
+    const data = await response.json().catch(() => ({}));
+    if (!response.ok) {
+      const detail = typeof data.detail === "string" ? data.detail : JSON.stringify(data.detail ?? response.statusText);
+      throw new Error(`${response.status}: ${detail}`);
+    }
+    render(data);
+  } catch (error) {
+    setStatus(`Search failed: ${error.message}`, true);
+  } finally {
+    document.body.classList.remove("busy");
+  }
+}
+
+function searchFile(file) {
+  if (!file) return;
+  lastQuery = { kind: "upload", file };
+  showQueryImage(URL.createObjectURL(file), file.name || "pasted image");
+  const body = new FormData();
+  body.append("image", file, file.name || "pasted-image");
+  return run(`/search?${options()}`, body);
+}
+
+function searchItem(id, path) {
+  lastQuery = { kind: "item", id, path };
+  showQueryImage(`/items/${id}/thumbnail`, path);
+  return run(`/search/item/${id}?${options()}`);
+}
+
+function render(data) {
+  const list = $("results");
+  const template = $("card").content;
+  list.replaceChildren();
+  for (const hit of data.results) {
+    const card = template.cloneNode(true);
+    const img = card.querySelector("img");
+    img.src = `/items/${hit.id}/thumbnail`;
+    img.alt = hit.path;
+    card.querySelector(".rank").textContent = `#${hit.rank}`;
+    card.querySelector(".label").textContent = hit.label;
+    card.querySelector(".score").textContent = data.score === "softmax" ? hit.score.toExponential(2) : hit.score.toFixed(3);
+    card.querySelector(".path").textContent = hit.path;
+    card.querySelector("li").dataset.label = hit.label;
+    card.querySelector("button").addEventListener("click", () => searchItem(hit.id, hit.path));
+    list.append(card);
+  }
+  const t = data.timing;
+  const parts = [`decode ${t.decode_ms} ms`, `encode ${t.encode_ms} ms`, `search ${t.search_ms} ms`];
+  setStatus(`${data.results.length} results in ${t.total_ms} ms (${parts.join(", ")}; ${data.model} on ${data.backend}, ${data.exact ? "exact" : "HNSW"})`);
+}
+
+function firstImage(items) {
+  for (const item of items) {
+    if (item.kind === "file" && item.type.startsWith("image/")) return item.getAsFile();
+  }
+  return null;
+}
+
+function rerun() {
+  if (lastQuery?.kind === "upload") searchFile(lastQuery.file);
+  else if (lastQuery?.kind === "item") searchItem(lastQuery.id, lastQuery.path);
+}
+
+async function showHealth() {
+  try {
+    const h = await (await fetch("/health")).json();
+    $("health").textContent = `${h.count} images indexed with ${h.model} (${h.dim}-d, ${h.backend})`;
+  } catch {
+    $("health").textContent = "server unreachable";
+  }
+}
+
+window.addEventListener("DOMContentLoaded", () => {
+  const drop = $("drop");
+  $("file").addEventListener("change", (e) => searchFile(e.target.files[0]));
+  drop.addEventListener("keydown", (e) => { if (e.key === "Enter" || e.key === " ") $("file").click(); });
+  for (const name of ["dragenter", "dragover"]) {
+    drop.addEventListener(name, (e) => { e.preventDefault(); drop.classList.add("over"); });
+  }
+  for (const name of ["dragleave", "drop"]) {
+    drop.addEventListener(name, () => drop.classList.remove("over"));
+  }
+  drop.addEventListener("drop", (e) => { e.preventDefault(); searchFile(e.dataTransfer.files[0]); });
+  document.addEventListener("paste", (e) => {
+    const file = firstImage(e.clipboardData.items);
+    if (file) searchFile(file);
+  });
+  $("options").addEventListener("change", rerun);
+  showHealth();
+});
