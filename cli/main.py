@@ -125,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--threads", type=int, default=None)
     search.set_defaults(run=cmd_search)
     # Sub-commands that live in their own modules register below, one line each.
+    __import__("fastret.cli.evaluate", fromlist=["register"]).register(commands)
     __import__("fastret.cli.serve", fromlist=["register"]).register(commands)
     return parser
 

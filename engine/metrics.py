@@ -130,20 +130,29 @@ def summarize(
 def leave_one_out_ranking(embeddings: np.ndarray, k: int) -> np.ndarray:
     """(N, k) exact top-k of every row against all the others, the row itself never included.
 
-    Ranks k + 1 with ``exact_search`` (ties: lower id first) and drops the row's own id wherever
-    it lands (a duplicate image can outrank it); if it is not there the extra last one is dropped.
+    Ranks k + 1 with ``exact_search`` (ties: lower id first), then :func:`drop_self`.
     """
     embeddings = np.asarray(embeddings, dtype=np.float32)
     count = len(embeddings)
-    k = min(k, count - 1)
-    ranked = np.empty((count, max(k, 0)), dtype=np.int64)
+    k = max(min(k, count - 1), 0)
+    ranked = np.empty((count, k), dtype=np.int64)
     for start in range(0, count, QUERY_CHUNK):
         stop = min(start + QUERY_CHUNK, count)
         ids, _ = exact_search(embeddings, embeddings[start:stop], k + 1)
-        is_self = ids == np.arange(start, stop)[:, None]
-        is_self[~is_self.any(axis=1), -1] = True  # self outside the list: drop the extra one instead
-        ranked[start:stop] = ids[~is_self].reshape(stop - start, k)
+        ranked[start:stop] = drop_self(ids, np.arange(start, stop))
     return ranked
+
+
+def drop_self(ranked: np.ndarray, query_ids: np.ndarray) -> np.ndarray:
+    """(Q, K) -> (Q, K - 1): remove each query's own id wherever it lands (a duplicate image can
+    outrank it); a row that does not hold it loses its last entry instead."""
+    ranked = np.asarray(ranked)
+    is_self = ranked == np.asarray(query_ids)[:, None]
+    first_self = np.argmax(is_self, axis=1)
+    drop = np.where(is_self.any(axis=1), first_self, ranked.shape[1] - 1)
+    keep = np.ones(ranked.shape, dtype=bool)
+    keep[np.arange(len(ranked)), drop] = False
+    return ranked[keep].reshape(len(ranked), ranked.shape[1] - 1)
 
 
 def exact_ranking(db_embeddings: np.ndarray, query_embeddings: np.ndarray, k: int) -> np.ndarray:

@@ -9,6 +9,7 @@ import pytest
 
 from fastret.engine.metrics import (
     average_precision,
+    drop_self,
     exact_ranking,
     leave_one_out_ranking,
     macro_mean,
@@ -143,3 +144,8 @@ def test_exact_ranking_matches_one_shot_ranking_across_chunks(monkeypatch):
     loo_whole = leave_one_out_ranking(db, 5)
     monkeypatch.setattr(metrics, "QUERY_CHUNK", 1000)
     np.testing.assert_array_equal(leave_one_out_ranking(db, 5), loo_whole)
+
+
+def test_drop_self_removes_own_id_or_the_last_entry():
+    ranked = np.array([[4, 0, 2], [1, 3, 4], [9, 8, 7]])
+    np.testing.assert_array_equal(drop_self(ranked, np.array([0, 1, 5])), [[4, 2], [3, 4], [9, 8]])
