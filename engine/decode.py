@@ -121,9 +121,15 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def resize_and_crop(img: Image.Image, spec: Preprocessing) -> Image.Image:
-    """Resize the short side to `spec.resize`, then take the centre `spec.size` square."""
-    width, height = img.size
+def resize_and_crop(
+    img: Image.Image, spec: Preprocessing, extent: tuple[float, float] | None = None
+) -> Image.Image:
+    """Resize the short side to `spec.resize`, then take the centre `spec.size` square.
+
+    `extent` is the full image's size in `img`'s pixels after a JPEG draft decode (1333 rows at
+    1/4 decode to 334 rows but span 333.25): the crop box then matches a full decode's.
+    """
+    width, height = extent or img.size
     scale = spec.resize / min(width, height)
     new_w = max(spec.size, round(width * scale))
     new_h = max(spec.size, round(height * scale))
@@ -151,11 +157,12 @@ def load_pixels(
         img = open_image(path, max_pixels)
         try:
             with img:
+                drafted = None  # (mode, box): box spans the full image in decoded pixels
                 if draft and img.format == "JPEG":
-                    img.draft("RGB", (spec.resize, spec.resize))
+                    drafted = img.draft("RGB", (spec.resize, spec.resize))
                 img.load()
                 rgb = to_rgb(img)
-                out = resize_and_crop(rgb, spec)
+                out = resize_and_crop(rgb, spec, drafted[1][2:] if drafted else None)
         except ImageError:
             raise
         except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombWarning) as exc:
