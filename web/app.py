@@ -135,6 +135,8 @@ def create_app(
         version=__version__,
         summary="Image-to-image retrieval: upload a photo, get the most similar indexed images.",
         lifespan=lifespan,
+        docs_url=None,  # Swagger UI and ReDoc load their scripts from a CDN: the schema is at /openapi.json
+        redoc_url=None,
     )
     app.add_middleware(BodyTooLarge, max_bytes=max_upload_bytes + MULTIPART_OVERHEAD_BYTES)
 

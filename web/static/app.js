@@ -75,8 +75,9 @@ function render(data) {
     list.append(card);
   }
   const t = data.timing;
-  const parts = [`decode ${t.decode_ms} ms`, `encode ${t.encode_ms} ms`, `search ${t.search_ms} ms`];
-  setStatus(`${data.results.length} results in ${t.total_ms} ms (${parts.join(", ")}; ${data.model} on ${data.backend}, ${data.exact ? "exact" : "HNSW"})`);
+  const ms = (value) => value.toFixed(1);
+  const parts = [`decode ${ms(t.decode_ms)}`, `encode ${ms(t.encode_ms)}`, `search ${ms(t.search_ms)}`];
+  setStatus(`${data.results.length} results in ${ms(t.total_ms)} ms (${parts.join(" + ")} ms) · ${data.exact ? "exact" : "HNSW"} · ${data.score}`);
 }
 
 function firstImage(items) {

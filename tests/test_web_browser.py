@@ -1,0 +1,128 @@
+"""End to end: real headless Chromium drives the search page against a live server on wang1k.
+
+Needs /usr/bin/chromium (apt's chromium; .ci/run installs it) and the playwright package; the
+test skips with the reason when either is absent. Set FASTRET_WEB_SCREENSHOT=PATH to keep the
+screenshot of the result page (docs/web-search.png is made this way).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+]
+
+pytestmark = pytest.mark.data
+uvicorn = pytest.importorskip("uvicorn", reason="the web extra is not installed: pip install 'fastret[web]'")
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (dev extra)")
+
+
+@pytest.fixture(scope="session")
+def wang1k_server(wang1k, bundled_onnx):
+    """(base URL, index): the web app over wang1k indexed with the bundled model, on a free loopback port."""
+    from fastret.engine.retrieval import build_index
+    from fastret.web.app import create_app
+
+    index, _ = build_index(wang1k, bundled_onnx)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(create_app(index, bundled_onnx), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}", index
+    server.should_exit = True
+    thread.join(timeout=10)
+    listener.close()
+
+
+@pytest.fixture(scope="session")
+def browser():
+    if not CHROMIUM.is_file():
+        pytest.skip(f"{CHROMIUM} is absent: install it with `apt-get install chromium` (.ci/run does)")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        yield browser
+        browser.close()
+
+
+def wait_for_results(page, count: int) -> None:
+    """Until `count` result cards are shown and every thumbnail has loaded."""
+    page.wait_for_function(
+        """count => {
+            const images = [...document.querySelectorAll('#results img')];
+            return images.length === count && images.every(img => img.complete && img.naturalWidth > 0);
+        }""",
+        arg=count,
+    )
+
+
+def test_upload_shows_ten_buildings_and_click_searches_again(wang1k_server, browser, wang1k, tmp_path):
+    url, _ = wang1k_server
+    page = browser.new_page(viewport={"width": 1280, "height": 540})
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.goto(url)
+    page.wait_for_function("document.getElementById('health').textContent.includes('1000 images')")
+
+    page.set_input_files("#file", str(wang1k / "buildings" / "299.jpg"))
+    wait_for_results(page, 10)
+    assert page.locator("#results .label").all_text_contents() == ["buildings"] * 10
+    assert page.locator("#results .path").all_text_contents()[0] == "buildings/299.jpg"
+    assert page.locator("#status").text_content().startswith("10 results in")
+    page.screenshot(path=str(tmp_path / "web-search.png"))
+    if os.environ.get("FASTRET_WEB_SCREENSHOT"):
+        shutil.copy(tmp_path / "web-search.png", os.environ["FASTRET_WEB_SCREENSHOT"])
+
+    clicked = page.locator("#results .path").all_text_contents()[1]
+    page.locator("#results button").nth(1).click()
+    page.wait_for_function(f"document.getElementById('query-name').textContent === {clicked!r}")
+    page.wait_for_function("document.getElementById('status').textContent.startsWith('10 results in')")
+    wait_for_results(page, 10)
+    assert clicked not in page.locator("#results .path").all_text_contents()
+
+    page.select_option("#k", "5")
+    wait_for_results(page, 5)
+    assert errors == []
+
+
+# An indexed photo fetched by the page and handed to it as a dropped or pasted file.
+SEND_FILE_AS = """async ([id, how]) => {
+    const blob = await (await fetch(`/items/${id}/image`)).blob();
+    const transfer = new DataTransfer();
+    transfer.items.add(new File([blob], 'query.jpg', {type: 'image/jpeg'}));
+    const event = how === 'drop'
+        ? new DragEvent('drop', {dataTransfer: transfer, bubbles: true, cancelable: true})
+        : new ClipboardEvent('paste', {clipboardData: transfer, bubbles: true, cancelable: true});
+    (how === 'drop' ? document.getElementById('drop') : document).dispatchEvent(event);
+}"""
+
+
+@pytest.mark.parametrize(("item", "how"), [(5, "drop"), (750, "paste")])
+def test_dropped_or_pasted_image_is_searched(wang1k_server, browser, item, how):
+    url, index = wang1k_server
+    page = browser.new_page()
+    page.goto(url)
+    page.evaluate(SEND_FILE_AS, [item, how])
+    wait_for_results(page, 10)
+    assert page.locator("#query-name").text_content() == "query.jpg"
+    assert page.locator("#results .path").first.text_content() == index.items[item].path
+    assert float(page.locator("#results .score").first.text_content()) == pytest.approx(1.0, abs=2e-3)
