@@ -337,3 +337,16 @@ def test_streamed_body_over_the_cap_is_refused_without_a_length(client):
     )
     assert response.status_code == 413
     assert "limit" in response.json()["detail"]
+
+
+def test_serve_binds_to_loopback_by_default_and_refuses_a_missing_index(tmp_path, capsys):
+    from fastret.cli.main import build_parser, main
+    from fastret.cli.serve import is_loopback
+
+    args = build_parser().parse_args(["serve"])
+    assert (args.host, args.port) == ("127.0.0.1", 8000)
+    assert [is_loopback(h) for h in ("127.0.0.1", "::1", "localhost", "0.0.0.0", "192.168.1.2")] == [
+        True, True, True, False, False,
+    ]
+    assert main(["serve", "--index", str(tmp_path / "nothing")]) == 2
+    assert "no index here" in capsys.readouterr().err
