@@ -15,6 +15,10 @@ from fastret.engine.index import BadIndex, HnswParams, Index, default_index_dir
 from fastret.engine.load import BackendUnavailable, encoder_for_index, open_encoder
 from fastret.engine.pipeline import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS
 from fastret.engine.retrieval import SCORES, build_index, embed_query, ids_of_file, rank_hits
+from fastret.engine.index import live_version
+from fastret.engine.rerank import prepare_index, rerank_hits
+from fastret.engine.tta import FlipAveragedEncoder
+from fastret.cli.rerank_flags import add_rerank_options, rerank_options
 from fastret.export.models import ModelNotFound
 from fastret.export.onnx_export import ExportError
 
@@ -66,9 +70,16 @@ def cmd_search(args: argparse.Namespace) -> int:
     index = Index.load(args.index)
     encoder = encoder_for_index(index.model, args.backend, threads=args.threads, log=log)
     loaded = time.perf_counter()
-    query = embed_query(encoder, args.image)
+    query = embed_query(FlipAveragedEncoder(encoder) if args.flip_tta else encoder, args.image)
     exclude = frozenset() if args.include_self else ids_of_file(index, args.image)
-    hits = rank_hits(index, query, args.k, exact=args.exact, score=args.score, exclude=exclude)
+    options = rerank_options(args)
+    if options.active:  # exact search over the re-ranking space (see engine/rerank.py)
+        if args.score != "cosine":
+            raise ValueError("--score softmax does not combine with --pca/--dba/--qe/--kreciprocal")
+        prepared = prepare_index(index, options, live_version(args.index))
+        hits = rerank_hits(index, prepared, query, args.k, options, exclude)
+    else:
+        hits = rank_hits(index, query, args.k, exact=args.exact, score=args.score, exclude=exclude)
     finished = time.perf_counter()
     if args.json:
         print(
@@ -79,6 +90,8 @@ def cmd_search(args: argparse.Namespace) -> int:
                     "backend": encoder.backend,
                     "exact": args.exact,
                     "score": args.score,
+                    "flip_tta": args.flip_tta,
+                    "rerank": options.to_dict() if options.active else None,
                     "seconds": {"load": round(loaded - started, 4), "query": round(finished - loaded, 4)},
                     "results": [hit.to_dict() for hit in hits],
                 },
@@ -123,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     search.add_argument("--backend", default="auto", choices=BACKENDS)
     search.add_argument("--threads", type=int, default=None)
+    add_rerank_options(search)
     search.set_defaults(run=cmd_search)
     # Sub-commands that live in their own modules register below, one line each.
     __import__("fastret.cli.evaluate", fromlist=["register"]).register(commands)

@@ -1,0 +1,389 @@
+"""Retrieval beyond plain nearest neighbours: PCA-whitening, DBA, alpha-QE, k-reciprocal re-ranking.
+
+All opt-in, all pure numpy over unit embeddings, in one pipeline:
+
+1. PCA-whitening (optionally reducing the dimension) learned on the DATABASE vectors only,
+   applied to database and queries alike, rows renormalised;
+2. database-side augmentation (alpha-DBA): each database vector becomes the weighted sum of
+   itself and its n nearest database neighbours;
+3. alpha query expansion (alpha-QE): the query becomes the weighted sum of itself and its
+   top-n results, then searches again;
+4. k-reciprocal re-ranking (Zhong et al., CVPR 2017) of the top candidates, on a local graph of
+   the query and those candidates.
+
+Exclusions: `excludes[q]` are database ids treated as ABSENT for query q, not merely hidden
+from its results: they are never ranked, never used to expand the query, never k-reciprocal
+candidates, and removed from every other item's DBA neighbourhood. In leave-one-out the query
+is a database item, so excluding its own id means no copy of the query ever helps rank it.
+
+The search is exact (brute force) over the transformed vectors: the HNSW graph of an index is
+built on the raw embeddings and would not match whitened or augmented ones.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from fastret.engine.index import Index
+from fastret.engine.metrics import leave_one_out_ranking
+from fastret.engine.retrieval import Hit
+from fastret.engine.tta import l2_normalise
+
+
+@dataclass(frozen=True)
+class RerankOptions:
+    """Which re-ranking steps run, and their parameters; the defaults change nothing."""
+
+    pca_dim: int | None = None  # PCA to this many dimensions, fitted on the database (None: off)
+    pca_power: float = 0.0  # divide component i by eigenvalue_i ** power: 0 plain PCA, 0.5 whitening
+    dba_n: int = 0  # database-side augmentation with n neighbours (0: off)
+    dba_alpha: float = 1.0  # neighbour weight = similarity ** alpha (1 beat 3 and 5 here)
+    qe_n: int = 0  # alpha query expansion with the top n results (0: off)
+    qe_alpha: float = 1.0
+    kreciprocal: bool = False  # k-reciprocal re-ranking of the top `candidates`
+    k1: int = 20
+    k2: int = 6
+    lam: float = 0.3  # weight of the original distance in the final distance
+    candidates: int = 100
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def active(self) -> bool:
+        return bool(self.pca_dim or self.dba_n or self.qe_n or self.kreciprocal)
+
+    def __post_init__(self) -> None:
+        if self.pca_dim is not None and self.pca_dim < 1:
+            raise ValueError(f"pca_dim must be a positive number of dimensions, got {self.pca_dim}")
+        if min(self.dba_n, self.qe_n) < 0:
+            raise ValueError("dba_n and qe_n must be >= 0")
+        if self.kreciprocal and (self.k1 < 1 or self.k2 < 1 or self.candidates < 2 or not 0 <= self.lam <= 1):
+            raise ValueError("k-reciprocal needs k1, k2 >= 1, candidates >= 2 and 0 <= lam <= 1")
+
+
+# --- PCA-whitening -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PcaWhitening:
+    """x -> (x - mean) @ projection; projection columns are principal axes / eigenvalue**power."""
+
+    mean: np.ndarray  # (D,)
+    projection: np.ndarray  # (D, d)
+
+    def apply(self, vectors: np.ndarray, normalise: bool = True) -> np.ndarray:
+        out = (np.asarray(vectors, dtype=np.float32) - self.mean) @ self.projection
+        return l2_normalise(out) if normalise else out.astype(np.float32)
+
+
+def fit_pca_whitening(database: np.ndarray, dim: int | None = None, power: float = 0.5) -> PcaWhitening:
+    """Learn PCA-whitening on database vectors (never on queries).
+
+    With power 0.5 the training vectors come out with identity covariance (ddof 1) before the
+    final renormalisation. `dim` is capped at the rank the data supports (count - 1).
+    """
+    x = np.asarray(database, dtype=np.float64)
+    if len(x) < 2:
+        raise ValueError("PCA-whitening needs at least 2 database vectors")
+    mean = x.mean(axis=0)
+    centred = x - mean
+    eigenvalues, axes = np.linalg.eigh(centred.T @ centred / (len(x) - 1))  # (D, D): cheap for 10k x 1280
+    eigenvalues, axes = eigenvalues[::-1], axes[:, ::-1]
+    keep = int(np.sum(eigenvalues > eigenvalues[0] * 1e-9))  # directions the data really spans
+    keep = min(keep, dim) if dim else keep
+    projection = axes[:, :keep] / eigenvalues[:keep] ** power
+    return PcaWhitening(mean.astype(np.float32), projection.astype(np.float32))
+
+
+# --- nearest neighbours with exclusions ----------------------------------------------------------
+
+
+def top_ids(scores: np.ndarray, k: int) -> np.ndarray:
+    """Ids of the k highest scores of one row, best first, ties broken by lower id."""
+    k = min(k, len(scores))
+    part = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
+    return part[np.lexsort((part, -scores[part]))]
+
+
+def _masked(scores: np.ndarray, exclude: frozenset[int]) -> np.ndarray:
+    if exclude:
+        scores = scores.copy()
+        scores[list(exclude)] = -np.inf
+    return scores
+
+
+# --- database-side augmentation ------------------------------------------------------------------
+
+
+def weighted_sum(vectors: np.ndarray, neighbours: np.ndarray, similarities: np.ndarray, alpha: float) -> np.ndarray:
+    """Unit-length sum of vectors[neighbours] weighted by max(similarity, 0) ** alpha (rows)."""
+    weights = np.clip(similarities, 0.0, None) ** alpha
+    return l2_normalise(np.einsum("rn,rnd->rd", weights, vectors[neighbours]))
+
+
+def dba_neighbours(database: np.ndarray, n: int) -> np.ndarray:
+    """(N, n+1) ids: each item itself first, then its n nearest other items (ties: lower id)."""
+    nearest = leave_one_out_ranking(database, n)
+    return np.hstack([np.arange(len(database))[:, None], nearest])
+
+
+def database_augmentation(database: np.ndarray, neighbours: np.ndarray, alpha: float) -> np.ndarray:
+    """alpha-DBA: each neighbourhood row (an item first, then its neighbours) -> weighted sum."""
+    similarities = np.einsum("rd,rnd->rn", database[neighbours[:, 0]], database[neighbours])
+    return weighted_sum(database, neighbours, similarities, alpha)
+
+
+# --- alpha query expansion -----------------------------------------------------------------------
+
+
+def alpha_query_expansion(query: np.ndarray, top_vectors: np.ndarray, alpha: float) -> np.ndarray:
+    """alpha-QE: unit-length query + sum of its top results' vectors weighted by similarity ** alpha."""
+    vectors = np.vstack([query[None], top_vectors])
+    similarities = np.r_[1.0, top_vectors @ query]  # the query itself has weight 1
+    return weighted_sum(vectors, np.arange(len(vectors))[None], similarities[None], alpha)[0]
+
+
+# --- k-reciprocal re-ranking ---------------------------------------------------------------------
+
+
+def kreciprocal_distance(vectors: np.ndarray, k1: int, k2: int, lam: float) -> np.ndarray:
+    """Final distance from node 0 (the query) to every node of a local graph (Zhong et al. 2017).
+
+    vectors: (M, D) unit rows, row 0 the query, rows 1.. its candidates. The k-reciprocal sets
+    (expanded with half-size reciprocal sets that overlap by more than 2/3) become Gaussian-
+    weighted encodings, smoothed over each node's k2 nearest; the Jaccard distance of the
+    encodings is blended with the original distance: (1 - lam) * jaccard + lam * original.
+    """
+    m = len(vectors)
+    k1 = min(k1, m - 1)
+    distance = np.clip(2.0 - 2.0 * (vectors @ vectors.T), 0.0, None)  # squared euclidean
+    distance /= distance.max(axis=1, keepdims=True) + 1e-12  # per row, as in the paper's code
+    order = np.argsort(distance, axis=1, kind="stable")  # each row: itself first
+    rank_of = np.empty_like(order)
+    np.put_along_axis(rank_of, order, np.arange(m)[None].repeat(m, 0), axis=1)
+
+    def reciprocal(k: int) -> np.ndarray:
+        within = rank_of <= k  # j among the k nearest of i (plus i itself)
+        return within & within.T
+
+    full, half = reciprocal(k1), reciprocal(max(1, int(round(k1 / 2))))
+    overlap = full.astype(np.float32) @ half.T.astype(np.float32)  # |R(i) & R_half(j)|
+    grows = full & (overlap > (2.0 / 3.0) * half.sum(axis=1)[None, :])
+    expanded = full | ((grows.astype(np.float32) @ half.astype(np.float32)) > 0)
+    encoding = np.where(expanded, np.exp(-distance), 0.0)
+    encoding /= encoding.sum(axis=1, keepdims=True)
+    if k2 > 1:
+        encoding = encoding[order[:, : min(k2, m)]].mean(axis=1)
+    minimum = np.minimum(encoding[0][None, :], encoding).sum(axis=1)
+    maximum = np.maximum(encoding[0][None, :], encoding).sum(axis=1)
+    jaccard = 1.0 - minimum / maximum
+    return (1.0 - lam) * jaccard + lam * distance[0]
+
+
+# --- the pipeline --------------------------------------------------------------------------------
+
+
+@dataclass
+class PreparedDatabase:
+    """Database vectors in the space queries are compared in, and what is needed to get there."""
+
+    base: np.ndarray  # (N, d) whitened (or raw) unit vectors, before DBA
+    vectors: np.ndarray  # (N, d) what queries are scored against (DBA'd when DBA is on)
+    whitening: PcaWhitening | None
+    neighbours: np.ndarray | None  # (N, n+1) DBA neighbourhoods (item itself first)
+
+
+def prepare_database(
+    embeddings: np.ndarray,
+    options: RerankOptions,
+    *,
+    whitening: PcaWhitening | None = None,
+    neighbours: np.ndarray | None = None,
+) -> PreparedDatabase:
+    """Index-time work: fit the whitening on the database, augment the database vectors.
+
+    `whitening` and `neighbours` (learned state saved by an earlier call) skip the fitting.
+    """
+    embeddings = np.asarray(embeddings, dtype=np.float32)
+    if not options.pca_dim:
+        whitening = None
+    elif whitening is None:
+        whitening = fit_pca_whitening(embeddings, options.pca_dim, options.pca_power)
+    base = whitening.apply(embeddings) if whitening else embeddings
+    if options.dba_n and len(base) > 1:
+        neighbours = dba_neighbours(base, options.dba_n) if neighbours is None else neighbours
+        return PreparedDatabase(base, database_augmentation(base, neighbours, options.dba_alpha), whitening, neighbours)
+    return PreparedDatabase(base, base, whitening, None)
+
+
+@dataclass(frozen=True)
+class Patch:
+    """DBA'd rows that change when some items are absent: their ids and their new vectors."""
+
+    rows: np.ndarray
+    vectors: np.ndarray
+
+    def scores(self, prepared: PreparedDatabase, query: np.ndarray) -> np.ndarray:
+        scores = prepared.vectors @ query
+        if len(self.rows):
+            scores[self.rows] = self.vectors @ query
+        return scores
+
+    def gather(self, prepared: PreparedDatabase, ids: np.ndarray) -> np.ndarray:
+        out = prepared.vectors[ids]
+        if not len(self.rows):
+            return out
+        where = np.searchsorted(self.rows, ids)
+        patched = (where < len(self.rows)) & (self.rows[np.minimum(where, len(self.rows) - 1)] == ids)
+        out[patched] = self.vectors[where[patched]]
+        return out
+
+
+NO_PATCH = Patch(np.empty(0, np.int64), np.empty((0, 0), np.float32))
+
+
+def patch_without(prepared: PreparedDatabase, exclude: frozenset[int], alpha: float) -> Patch:
+    """The DBA'd rows rebuilt as if `exclude` were not in the database (only affected rows).
+
+    Cost: one database pass per item that had an excluded item among its DBA neighbours.
+    """
+    if prepared.neighbours is None or not exclude:
+        return NO_PATCH
+    excluded = list(exclude)
+    hit = np.isin(prepared.neighbours[:, 1:], excluded).any(axis=1)
+    hit[excluded] = False  # absent items are never scored: no need to rebuild them
+    rows = np.flatnonzero(hit)
+    if not len(rows):
+        return NO_PATCH
+    n = prepared.neighbours.shape[1] - 1
+    neighbourhoods = np.empty((len(rows), n + 1), dtype=np.int64)
+    for slot, row in enumerate(rows):
+        scores = _masked(prepared.base @ prepared.base[row], exclude | {int(row)})
+        neighbourhoods[slot] = np.r_[row, top_ids(scores, n)]
+    return Patch(rows, database_augmentation(prepared.base, neighbourhoods, alpha))
+
+
+def rerank_one(
+    prepared: PreparedDatabase, query: np.ndarray, k: int, options: RerankOptions, exclude: frozenset[int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k ids and scores of one query; `exclude` ids are absent from the database.
+
+    Scores are cosines in the final space (whitened / expanded when those are on); with
+    k-reciprocal they are 1 - final distance for the re-ranked candidates, and the rest keep
+    their order with scores capped at the lowest candidate's.
+    """
+    patch = patch_without(prepared, exclude, options.dba_alpha)
+    q = prepared.whitening.apply(query[None])[0] if prepared.whitening else l2_normalise(query)
+    scores = _masked(patch.scores(prepared, q), exclude)
+    available = len(prepared.vectors) - len(exclude)
+    if options.qe_n:
+        top = top_ids(scores, min(options.qe_n, available))
+        q = alpha_query_expansion(q, patch.gather(prepared, top), options.qe_alpha)
+        scores = _masked(patch.scores(prepared, q), exclude)
+    ranked = top_ids(scores, min(max(k, options.candidates if options.kreciprocal else 0), available))
+    values = scores[ranked]
+    if options.kreciprocal and len(ranked) > 1:
+        head = ranked[: options.candidates]
+        local = np.vstack([q[None], patch.gather(prepared, head)])
+        final = kreciprocal_distance(local, options.k1, options.k2, options.lam)[1:]
+        order = np.lexsort((head, final))
+        ranked = np.r_[head[order], ranked[len(head) :]]
+        head_scores = 1.0 - final[order]  # the tail keeps its order, scored no higher than the head
+        values = np.r_[head_scores, np.minimum(values[len(head) :], head_scores.min())]
+    return ranked[:k], values[:k].astype(np.float32)
+
+
+def rerank_search(
+    prepared: PreparedDatabase,
+    queries: np.ndarray,
+    k: int,
+    options: RerankOptions,
+    excludes: Sequence[frozenset[int]] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(Q, k) ids and scores; rows shorter than k (exclusions) are padded with id -1, score -inf."""
+    queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
+    excludes = excludes if excludes is not None else [frozenset()] * len(queries)
+    if len(excludes) != len(queries):
+        raise ValueError(f"{len(excludes)} exclusion sets for {len(queries)} queries")
+    k = min(k, len(prepared.vectors))
+    ids = np.full((len(queries), k), -1, dtype=np.int64)
+    scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
+    for row, (query, exclude) in enumerate(zip(queries, excludes)):
+        found, values = rerank_one(prepared, query, k, options, frozenset(exclude))
+        ids[row, : len(found)], scores[row, : len(found)] = found, values
+    return ids, scores
+
+
+# --- an on-disk index ----------------------------------------------------------------------------
+
+
+def state_file(version_dir: Path, options: RerankOptions) -> Path | None:
+    """Where the learned state of these options lives beside the index files (None: no state)."""
+    if not (options.pca_dim or options.dba_n):
+        return None
+    pca = f"pca{options.pca_dim}p{options.pca_power:g}" if options.pca_dim else "raw"
+    return Path(version_dir) / f"rerank-{pca}-dba{options.dba_n}.npz"
+
+
+def prepare_index(index: Index, options: RerankOptions, version_dir: Path | None = None) -> PreparedDatabase:
+    """prepare_database for an index, reusing (or saving) the learned state beside its files.
+
+    The state (whitening mean + projection, DBA neighbour ids) is a derived cache in an extra
+    file of the index version directory: the index format and its manifest are untouched, a
+    new index version starts without it, and a read-only index just recomputes it.
+    """
+    path = state_file(version_dir, options) if version_dir is not None else None
+    if path is not None and path.is_file():
+        try:
+            with np.load(path, allow_pickle=False) as saved:
+                whitening = PcaWhitening(saved["mean"], saved["projection"]) if "mean" in saved else None
+                neighbours = saved["neighbours"] if "neighbours" in saved else None
+            return prepare_database(index.embeddings, options, whitening=whitening, neighbours=neighbours)
+        except (OSError, ValueError, KeyError):
+            pass  # a damaged cache is recomputed and rewritten
+    prepared = prepare_database(index.embeddings, options)
+    if path is not None:
+        _save_state(path, prepared)
+    return prepared
+
+
+def _save_state(path: Path, prepared: PreparedDatabase) -> None:
+    arrays = {}
+    if prepared.whitening is not None:
+        arrays.update(mean=prepared.whitening.mean, projection=prepared.whitening.projection)
+    if prepared.neighbours is not None:
+        arrays["neighbours"] = prepared.neighbours
+    temporary: Path | None = None
+    try:
+        handle, name = tempfile.mkstemp(dir=path.parent, prefix=".tmp-rerank-", suffix=".npz")
+        temporary = Path(name)
+        with os.fdopen(handle, "wb") as stream:
+            np.savez(stream, **arrays)
+        os.replace(temporary, path)
+    except OSError:  # a read-only index: recompute next time
+        if temporary is not None:
+            temporary.unlink(missing_ok=True)
+
+
+def rerank_hits(
+    index: Index,
+    prepared: PreparedDatabase,
+    query: np.ndarray,
+    k: int,
+    options: RerankOptions,
+    exclude: frozenset[int] = frozenset(),
+) -> list[Hit]:
+    """Top-k hits of one query embedding through the re-ranking pipeline (scores: see rerank_one)."""
+    ids, scores = rerank_search(prepared, query, k, options, excludes=[exclude])
+    return [
+        Hit(rank=r + 1, item_id=int(i), path=index.items[i].path, label=index.items[i].label, score=float(v))
+        for r, (i, v) in enumerate(zip(ids[0], scores[0]))
+        if i >= 0
+    ]
