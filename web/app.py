@@ -25,7 +25,7 @@ from fastret import __version__
 from fastret.engine.decode import DEFAULT_MAX_PIXELS, ImageError, load_pixels
 from fastret.engine.encoders import Encoder
 from fastret.engine.index import FORMAT_VERSION, Index
-from fastret.engine.retrieval import rank_hits
+from fastret.engine.retrieval import SCORES, rank_hits
 from fastret.web import DEFAULT_MAX_UPLOAD_BYTES
 from fastret.web.batcher import DEFAULT_MAX_BATCH, MicroBatcher
 from fastret.web.items import ItemNotFound, item_file, parse_item_id, thumbnail_jpeg
@@ -33,6 +33,7 @@ from fastret.web.items import ItemNotFound, item_file, parse_item_id, thumbnail_
 STATIC = Path(__file__).parent / "static"
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
 MAX_K = 1000
+ScoreName = Literal[SCORES]  # type: ignore[valid-type]  # "cosine" | "softmax"
 THUMBNAIL_CACHE_ITEMS = 4096
 SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
@@ -63,7 +64,7 @@ class SearchOut(BaseModel):
     backend: str
     k: int
     exact: bool
-    score: str
+    score: ScoreName
     results: list[HitOut]
     timing: Timing
 
@@ -202,7 +203,7 @@ def create_app(
         image: UploadFile = File(..., description="query image (JPEG, PNG, WebP, ...)"),
         k: int = K,
         exact: bool = EXACT,
-        score: Literal["cosine", "softmax"] = SCORE,
+        score: ScoreName = SCORE,
     ) -> SearchOut:
         stamps = [time.perf_counter()]
         data = await image.read(max_upload_bytes + 1)
@@ -222,7 +223,7 @@ def create_app(
         item_id: str,
         k: int = K,
         exact: bool = EXACT,
-        score: Literal["cosine", "softmax"] = SCORE,
+        score: ScoreName = SCORE,
     ) -> SearchOut:
         started = time.perf_counter()
         found = find_item(item_id)
