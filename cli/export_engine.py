@@ -8,6 +8,7 @@ from pathlib import Path
 
 from fastret.export.models import ModelNotFound, resolve_model
 from fastret.export.onnx_export import ExportError, ONNX_OPSET, export_dir_for, export_onnx
+from fastret.export.tensorrt_build import DEFAULT_WORKSPACE_GIB, parse_profile
 
 
 def log(message: str) -> None:
@@ -24,7 +25,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--opset", type=int, default=ONNX_OPSET)
     parser.add_argument("--fp16", action="store_true", help="also write an FP16 ONNX and, where TensorRT is installed, an FP16 plan")
     parser.add_argument("--require-trt", action="store_true", help="fail when no TensorRT plan can be built")
+    parser.add_argument(
+        "--trt-batch", type=_batch_profile, default="1,64,256", metavar="MIN,OPT,MAX",
+        help="TensorRT batch profile: smallest, tuned-for and largest batch (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--trt-workspace-gib", type=float, default=DEFAULT_WORKSPACE_GIB, help="TensorRT builder workspace limit in GiB"
+    )
     return parser
+
+
+def _batch_profile(text: str):
+    try:
+        return parse_profile(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,7 +59,9 @@ def main(argv: list[str] | None = None) -> int:
             from fastret.export.tensorrt_build import TensorRTUnavailable, build_plan_for_export
 
             try:
-                plan = build_plan_for_export(out_dir, image_dir=args.images, log=log)
+                plan = build_plan_for_export(
+                    out_dir, image_dir=args.images, log=log, profile=args.trt_batch, workspace_gib=args.trt_workspace_gib
+                )
                 log(f"wrote {plan}")
             except TensorRTUnavailable as exc:
                 log(f"no TensorRT plan built: {exc}")

@@ -16,7 +16,11 @@ import numpy as np
 
 from fastret.engine.decode import Preprocessing
 
-BACKENDS = ("auto", "onnxruntime", "torch", "tensorrt")
+BACKENDS = (
+    "auto", "onnxruntime", "onnxruntime-trt", "openvino", "torch", "torch-cuda", "torch-cuda-fp16", "tensorrt"
+)
+PRECISIONS = ("auto", "fp32", "bf16", "int8")
+"""auto: the fastest precision that passed its parity check on this machine (see engine/load.py)."""
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,11 @@ class Encoder(Protocol):
         ...
 
 
+def describe_runtime(encoder: Encoder) -> str:
+    """'backend (precision)' for logs and reports."""
+    return f"{encoder.backend} ({getattr(encoder, 'precision', 'fp32')})"
+
+
 def default_threads() -> int:
     """Cores this process may use (respects taskset / cgroup affinity)."""
     try:
@@ -84,13 +93,36 @@ class TorchEncoder:
             return self.module(torch.from_numpy(np.ascontiguousarray(pixels))).numpy()
 
 
-def ort_providers(device: str = "auto") -> list[str]:
-    """ONNX Runtime providers to ask for: GPU ones first where this onnxruntime build has them."""
+def ort_providers(device: str = "auto", tensorrt_options: dict | None = None) -> list:
+    """ONNX Runtime providers to ask for: GPU ones first where this onnxruntime build has them.
+
+    With `tensorrt_options`, the TensorRT execution provider leads (onnxruntime-gpu builds only);
+    nodes it cannot take fall back to CUDA, then CPU.
+    """
     import onnxruntime as ort
 
     available = ort.get_available_providers()
-    wanted = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device != "cpu" else ["CPUExecutionProvider"]
-    return [p for p in wanted if p in available] or ["CPUExecutionProvider"]
+    wanted: list = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device != "cpu" else ["CPUExecutionProvider"]
+    if tensorrt_options is not None and device != "cpu":
+        wanted.insert(0, ("TensorrtExecutionProvider", tensorrt_options))
+    chosen = [p for p in wanted if (p[0] if isinstance(p, tuple) else p) in available]
+    return chosen or ["CPUExecutionProvider"]
+
+
+def ort_tensorrt_options(cache_dir: Path, input_name: str, size: int, batches: tuple[int, int, int]) -> dict:
+    """TensorRT EP settings: FP16 with LayerNorm kept fp32, engine + timing caches, one batch profile."""
+    low, opt, high = (f"{input_name}:{b}x{size}x{size}x3" for b in batches)
+    return {
+        "trt_fp16_enable": True,
+        "trt_layer_norm_fp32_fallback": True,
+        "trt_engine_cache_enable": True,
+        "trt_engine_cache_path": str(cache_dir),
+        "trt_timing_cache_enable": True,
+        "trt_timing_cache_path": str(cache_dir),
+        "trt_profile_min_shapes": low,
+        "trt_profile_opt_shapes": opt,
+        "trt_profile_max_shapes": high,
+    }
 
 
 @dataclass
@@ -100,7 +132,8 @@ class OnnxEncoder:
     path: Path
     info: ModelInfo
     threads: int = field(default_factory=default_threads)
-    providers: list[str] | None = None
+    providers: list | None = None
+    precision: str = "fp32"
     backend: str = "onnxruntime"
 
     def __post_init__(self) -> None:
@@ -113,6 +146,7 @@ class OnnxEncoder:
         options.log_severity_level = 3
         self.providers = self.providers or ort_providers()
         self.session = ort.InferenceSession(str(self.path), options, providers=self.providers)
+        self.providers = self.session.get_providers()  # what ONNX Runtime actually enabled
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
 

@@ -4,9 +4,25 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fastret.engine.encoders import BACKENDS, Encoder, ModelInfo, OnnxEncoder, TorchEncoder
+from fastret.engine.cuda_torch import TorchCudaEncoder, cuda_missing
+from fastret.engine.encoders import (
+    BACKENDS,
+    PRECISIONS,
+    Encoder,
+    ModelInfo,
+    OnnxEncoder,
+    TorchEncoder,
+    ort_providers,
+    ort_tensorrt_options,
+)
+from fastret.engine.openvino_runtime import OpenVinoEncoder, cpu_supports_bf16, openvino_missing
+from fastret.engine.tensorrt_runtime import PLAN_FILE, TensorRTEncoder, plan_status
 from fastret.export.models import ModelSource, load_torch_model, resolve_model
-from fastret.export.onnx_export import FP32_ONNX, ensure_exported
+from fastret.export.onnx_export import FP16_ONNX, FP32_ONNX, INPUT_NAME, ensure_exported
+
+
+OPENVINO_AUTO_PRECISION = "bf16"
+"""Chosen by measurement: see BENCHMARKS.md, "CPU speed"."""
 
 
 class BackendUnavailable(Exception):
@@ -28,22 +44,121 @@ def encoder_for_source(
     *,
     threads: int | None = None,
     image_dir: Path | None = None,
+    precision: str = "auto",
     log=print,
 ) -> Encoder:
-    """An Encoder for a resolved model on the chosen backend."""
+    """An Encoder for a resolved model on the chosen backend and precision."""
     if backend not in BACKENDS:
         raise BackendUnavailable(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if precision not in PRECISIONS:
+        raise BackendUnavailable(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     info = model_info(source)
     extra = {"threads": threads} if threads else {}
     if backend == "torch":
         return TorchEncoder(load_torch_model(source), info, **extra)
-    if backend == "tensorrt":
-        raise BackendUnavailable(
-            "the TensorRT backend needs the tensorrt package and a plan built by "
-            "`export-engine --fp16` on this GPU"
-        )
+    if backend in ("torch-cuda", "torch-cuda-fp16"):
+        missing = cuda_missing()
+        if missing:
+            raise BackendUnavailable(f"backend {backend}: {missing}")
+        return TorchCudaEncoder(load_torch_model(source), info, half=backend == "torch-cuda-fp16")
     export_dir = ensure_exported(source, image_dir=image_dir, log=log)
-    return OnnxEncoder(export_dir / FP32_ONNX, info, **extra)
+    if backend in ("tensorrt", "auto"):
+        plan, reason = plan_status(export_dir)
+        if plan is not None:
+            return TensorRTEncoder(plan, info)
+        if backend == "tensorrt":
+            raise BackendUnavailable(f"backend tensorrt: {reason}")
+        if (export_dir / PLAN_FILE).is_file():
+            log(f"not using the TensorRT plan: {reason}")
+    if backend == "openvino" or (backend == "auto" and _cpu_only() and openvino_missing() is None):
+        return _openvino_encoder(export_dir, info, precision, **extra)
+    if precision == "int8" or (precision == "auto" and backend in ("auto", "onnxruntime") and _cpu_only()):
+        path = _int8_onnx(export_dir, source.family, image_dir, required=precision == "int8", log=log)
+        if path is not None:
+            return OnnxEncoder(path, info, providers=["CPUExecutionProvider"], precision="int8", **extra)
+    return _onnx_encoder(export_dir, info, tensorrt_ep=backend == "onnxruntime-trt", image_dir=image_dir, log=log, **extra)
+
+
+def _cpu_only() -> bool:
+    """No GPU runtime here: ONNX Runtime has no CUDA provider."""
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" not in ort.get_available_providers()
+
+
+def _openvino_encoder(export_dir: Path, info: ModelInfo, precision: str, **extra) -> Encoder:
+    """OpenVINO on the CPU: bf16 where the CPU has it and `precision` allows, else fp32."""
+    missing = openvino_missing()
+    if missing:
+        raise BackendUnavailable(f"backend openvino: {missing}")
+    if precision == "int8":
+        raise BackendUnavailable("backend openvino runs fp32 or bf16; int8 is an onnxruntime option")
+    if precision == "auto":
+        precision = OPENVINO_AUTO_PRECISION if cpu_supports_bf16() else "fp32"
+    if precision == "bf16" and not cpu_supports_bf16():
+        raise BackendUnavailable("precision bf16: this CPU has no native bfloat16 arithmetic")
+    return OpenVinoEncoder(
+        export_dir / FP32_ONNX, info, precision=precision, cache_dir=export_dir / "openvino-cache", **extra
+    )
+
+
+def _int8_onnx(export_dir: Path, family: str, image_dir: Path | None, *, required: bool, log) -> Path | None:
+    """The export's dynamic-INT8 ONNX (transformer models), written on first use; None when not offered."""
+    from fastret.export.quantize import INT8_FAMILIES, INT8_ONNX, export_int8
+
+    if family not in INT8_FAMILIES:
+        if required:
+            raise BackendUnavailable(f"precision int8 is offered for {', '.join(INT8_FAMILIES)} models only")
+        return None
+    path = export_dir / INT8_ONNX
+    if path.is_file():
+        return path
+    try:
+        return export_int8(export_dir, image_dir=image_dir, log=log)[0]
+    except ValueError as exc:
+        if required:
+            raise BackendUnavailable(str(exc)) from None
+        log(f"using the fp32 ONNX: {exc}")
+        return None
+
+
+def _onnx_encoder(export_dir: Path, info: ModelInfo, *, tensorrt_ep: bool, image_dir: Path | None, log, **extra) -> OnnxEncoder:
+    """ONNX Runtime on the best provider this build has; the FP16 ONNX when CUDA runs it."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if tensorrt_ep and "TensorrtExecutionProvider" not in available:
+        raise BackendUnavailable(
+            "backend onnxruntime-trt needs an onnxruntime build with the TensorRT execution provider "
+            f"(this one has {', '.join(available)}); on an NVIDIA GPU run `pip install 'fastret[gpu]'`"
+        )
+    options = None
+    if tensorrt_ep:
+        from fastret.export.tensorrt_build import DEFAULT_PROFILE
+
+        batches = (DEFAULT_PROFILE.min, DEFAULT_PROFILE.opt, DEFAULT_PROFILE.max)
+        options = ort_tensorrt_options(export_dir / "ort-tensorrt-cache", INPUT_NAME, info.preprocessing.size, batches)
+    path = export_dir / FP32_ONNX
+    if not tensorrt_ep and "CUDAExecutionProvider" in available:
+        path = _fp16_onnx(export_dir, image_dir, log) or path
+    encoder = OnnxEncoder(path, info, providers=ort_providers(tensorrt_options=options), **extra)
+    if tensorrt_ep:
+        encoder.backend = "onnxruntime-trt"
+    return encoder
+
+
+def _fp16_onnx(export_dir: Path, image_dir: Path | None, log) -> Path | None:
+    """The export's FP16 ONNX, written on first use; None (fp32 stays) when it fails its parity check."""
+    from fastret.export.fp16 import export_fp16
+
+    path = export_dir / FP16_ONNX
+    if path.is_file():
+        return path
+    try:
+        return export_fp16(export_dir, image_dir=image_dir, log=log)[0]
+    except ValueError as exc:
+        log(f"using the fp32 ONNX on CUDA: {exc}")
+        return None
 
 
 def open_encoder(
@@ -52,15 +167,18 @@ def open_encoder(
     *,
     threads: int | None = None,
     image_dir: Path | None = None,
+    precision: str = "auto",
     log=print,
 ) -> Encoder:
     """Resolve a model name (see fastret.export.models), say what was chosen, open the runtime."""
     source, why = resolve_model(model)
     log(f"model: {source.model_id} ({why})")
-    return encoder_for_source(source, backend, threads=threads, image_dir=image_dir, log=log)
+    return encoder_for_source(source, backend, threads=threads, image_dir=image_dir, precision=precision, log=log)
 
 
-def encoder_for_index(info: ModelInfo, backend: str = "auto", *, threads: int | None = None, log=print) -> Encoder:
+def encoder_for_index(
+    info: ModelInfo, backend: str = "auto", *, threads: int | None = None, precision: str = "auto", log=print
+) -> Encoder:
     """The encoder an index was built with, refusing weights that changed since."""
     source, _ = resolve_model(info.model_id)
     if source.weights_sha256 != info.weights_sha256:
@@ -69,4 +187,4 @@ def encoder_for_index(info: ModelInfo, backend: str = "auto", *, threads: int | 
             f"but the weights found now hash to {source.weights_sha256[:12]}…; re-index with "
             "`fastret index`"
         )
-    return encoder_for_source(source, backend, threads=threads, log=log)
+    return encoder_for_source(source, backend, threads=threads, precision=precision, log=log)
