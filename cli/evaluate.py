@@ -9,6 +9,7 @@ from pathlib import Path
 
 from fastret.engine.encoders import BACKENDS
 from fastret.engine.evaluation import DEFAULT_KS, evaluate_folders
+from fastret.cli.rerank_flags import add_rerank_options, rerank_options
 
 
 def register(commands) -> None:
@@ -28,6 +29,7 @@ def register(commands) -> None:
     parser.add_argument("--exact", action="store_true", help="brute-force search instead of HNSW")
     parser.add_argument("--ef", type=int, default=None, help="HNSW ef at query time (default: the index's)")
     parser.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write the full result here")
+    add_rerank_options(parser)
     parser.set_defaults(run=run)
 
 
@@ -42,6 +44,8 @@ def run(args: argparse.Namespace) -> int:
         index_dir=args.index,
         exact=args.exact,
         ef=args.ef,
+        rerank=rerank_options(args),
+        flip_tta=args.flip_tta,
         log=lambda line: print(line, file=sys.stderr, flush=True),
     )
     print(format_report(result))

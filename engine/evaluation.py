@@ -27,7 +27,9 @@ from fastret.engine.index import Index
 from fastret.engine.load import encoder_for_index, open_encoder
 from fastret.engine.metrics import drop_self, exact_ranking, leave_one_out_ranking, summarize
 from fastret.engine.pipeline import Skipped, embed_files
+from fastret.engine.rerank import RerankOptions, prepare_database, rerank_ranker
 from fastret.engine.retrieval import build_index
+from fastret.engine.tta import FlipAveragedEncoder
 
 DEFAULT_KS = (1, 5, 10)
 Search = Callable[[np.ndarray, int], np.ndarray]
@@ -51,8 +53,12 @@ def evaluate_embeddings(
     ks: Sequence[int] = DEFAULT_KS,
     *,
     search: Search | None = None,
+    full_search: Search | None = None,
 ) -> dict:
     """Metrics of ranking the queries against the database; query_embeddings=None means leave-one-out.
+
+    ``full_search`` ranks the whole database for the mAP (default: exact cosine); re-ranking
+    passes its own, since its order differs from plain cosine.
 
     ``search`` ranks (default: exact cosine, ties to the lower id). In leave-one-out it is asked
     for k + 1 and each query's own id is removed. Returns :func:`summarize`'s dict plus
@@ -71,13 +77,17 @@ def evaluate_embeddings(
     started = time.perf_counter()
     if leave_one_out:
         ranked = drop_self(search(queries, ks[-1] + 1), np.arange(len(queries)))
-        full = leave_one_out_ranking(db_embeddings, max_results)
+        full = (
+            drop_self(full_search(queries, max_results + 1), np.arange(len(queries)))
+            if full_search
+            else leave_one_out_ranking(db_embeddings, max_results)
+        )
     else:
         ranked = search(queries, ks[-1])
         full = None
     search_seconds = time.perf_counter() - started
     if full is None:
-        full = exact_ranking(db_embeddings, queries, max_results)
+        full = full_search(queries, max_results) if full_search else exact_ranking(db_embeddings, queries, max_results)
     summary = summarize(ranked, db_labels, labels, ks, leave_one_out=leave_one_out, full_ranking=full)
     summary["ks"] = ks
     summary["search_seconds"] = round(search_seconds, 4)
@@ -100,6 +110,8 @@ def evaluate_folders(
     index_dir: str | Path | None = None,
     exact: bool = False,
     ef: int | None = None,
+    rerank: RerankOptions = RerankOptions(),
+    flip_tta: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict:
     """The whole evaluation from folders, timing model load, database, query embedding and search.
@@ -123,9 +135,11 @@ def evaluate_folders(
         seconds["index_load"] = _since(started)
         started = time.perf_counter()
         encoder = encoder_for_index(index.model, backend, threads=threads, log=log)
+        encoder = FlipAveragedEncoder(encoder) if flip_tta else encoder  # queries only: the index is built
         seconds["model_load"] = _since(started)
     else:
         encoder = open_encoder(model, backend, threads=threads, image_dir=db_dir, log=log)
+        encoder = FlipAveragedEncoder(encoder) if flip_tta else encoder
         seconds["model_load"] = _since(started)
         started = time.perf_counter()
         index, _ = build_index(db_dir, encoder, on_skip=on_skip)
@@ -144,13 +158,20 @@ def evaluate_folders(
         if not query_paths:
             raise ValueError(f"{queries_dir}: no query image could be embedded")
 
+    search = full_search = None
+    if rerank.active:  # exact search over the prepared vectors, for the top k and the mAP alike
+        started = time.perf_counter()
+        prepared = prepare_database(index.embeddings, rerank)
+        seconds["rerank_prepare"] = _since(started)
+        search = full_search = rerank_ranker(prepared, rerank, leave_one_out=queries_dir is None)
     summary = evaluate_embeddings(
         index.embeddings,
         [item.label for item in index.items],
         query_embeddings,
         query_labels,
         ks,
-        search=index_search(index, exact=exact, ef=ef),
+        search=search or index_search(index, exact=exact, ef=ef),
+        full_search=full_search,
     )
     seconds["search"] = summary.pop("search_seconds")
     return {
@@ -159,7 +180,9 @@ def evaluate_folders(
         "queries_dir": None if queries_dir is None else str(Path(queries_dir).resolve()),
         "model": encoder.info.model_id,
         "backend": encoder.backend,
-        "search": "exact" if exact or index.hnsw is None else _hnsw_description(index, ef),
+        "search": "exact + re-ranking" if rerank.active else "exact" if exact or index.hnsw is None else _hnsw_description(index, ef),
+        "rerank": rerank.to_dict() if rerank.active else None,
+        "flip_tta": flip_tta,
         "db_images": len(index),
         "skipped": [skip.line() for skip in skipped],
         "seconds": seconds,

@@ -387,3 +387,17 @@ def rerank_hits(
         for r, (i, v) in enumerate(zip(ids[0], scores[0]))
         if i >= 0
     ]
+
+
+def rerank_ranker(prepared: PreparedDatabase, options: RerankOptions, *, leave_one_out: bool = False):
+    """A search for engine.evaluation: (queries (Q, D), k) -> (Q, k) ids, best first.
+
+    In leave-one-out query row i IS database item i, so item i is absent for query i (its
+    rows come back one short, padded with -1, which `drop_self` then drops).
+    """
+
+    def search(queries: np.ndarray, k: int) -> np.ndarray:
+        excludes = [frozenset({i}) for i in range(len(queries))] if leave_one_out else None
+        return rerank_search(prepared, queries, k, options, excludes=excludes)[0]
+
+    return search

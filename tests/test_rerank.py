@@ -310,3 +310,35 @@ def test_search_flags_rerank_and_cache_the_learned_state(colour_index, capsys):
     assert json.loads(capsys.readouterr().out)["rerank"] is None
     assert main([*argv, "--qe", "1", "--score", "softmax"]) == 2
     assert "does not combine" in capsys.readouterr().err
+
+
+# --- evaluation through the re-ranking pipeline --------------------------------------------------
+
+
+@pytest.mark.parametrize("leave_one_out", [True, False])
+def test_evaluation_scores_the_reranked_lists(leave_one_out):
+    from fastret.engine.evaluation import evaluate_embeddings
+    from fastret.engine.metrics import summarize
+    from fastret.engine.rerank import rerank_ranker
+
+    database = unit_rows(30, 5, seed=11)
+    labels = np.array(["a", "b", "c"] * 10)
+    queries = None if leave_one_out else unit_rows(6, 5, seed=12)
+    query_labels = None if leave_one_out else np.array(["a", "b", "c"] * 2)
+    plain = evaluate_embeddings(database, labels, queries, query_labels, (1, 5))
+    same = rerank_ranker(prepare_database(database, RerankOptions()), RerankOptions(), leave_one_out=leave_one_out)
+    assert evaluate_embeddings(database, labels, queries, query_labels, (1, 5), search=same, full_search=same)[
+        "overall"
+    ] == plain["overall"]
+
+    options = RerankOptions(dba_n=2, qe_n=2)
+    ranker = rerank_ranker(prepare_database(database, options), options, leave_one_out=leave_one_out)
+    result = evaluate_embeddings(database, labels, queries, query_labels, (1, 5), search=ranker, full_search=ranker)
+    rows = database if leave_one_out else queries
+    excludes = [frozenset({i}) for i in range(30)] if leave_one_out else None
+    depth = 29 if leave_one_out else 30
+    ranked, _ = rerank_search(prepare_database(database, options), rows, depth, options, excludes=excludes)
+    expected = summarize(ranked[:, :depth], labels, labels if leave_one_out else query_labels, (1, 5),
+                         leave_one_out=leave_one_out, full_ranking=ranked[:, :depth])
+    assert result["overall"] == expected["overall"]
+    assert result["overall"] != plain["overall"]
