@@ -209,7 +209,10 @@ def test_tensorrt_backend_without_tensorrt_is_unavailable(tiny_source, tiny_expo
         encoder_for_source(tiny_source, "tensorrt", **QUIET)
 
 
-def test_auto_falls_back_to_onnxruntime_and_says_why_a_plan_is_skipped(tiny_source, tiny_export, no_tensorrt):
+def test_auto_falls_back_to_onnxruntime_and_says_why_a_plan_is_skipped(
+    tiny_source, tiny_export, no_tensorrt, monkeypatch
+):
+    monkeypatch.setitem(sys.modules, "openvino", None)  # auto prefers OpenVINO on a CPU that has it
     encoder = encoder_for_source(tiny_source, "auto", **QUIET)
     assert isinstance(encoder, OnnxEncoder) and encoder.backend == "onnxruntime"
     assert encoder.encode(pixels(2)).shape == (2, tiny_source.dim)
