@@ -9,7 +9,7 @@ from typing import Callable
 
 import numpy as np
 
-from fastret.engine.decode import list_images, load_pixels
+from fastret.engine.decode import ImageError, list_images, load_pixels
 from fastret.engine.encoders import Encoder
 from fastret.engine.index import HnswParams, Index, Item, build_hnsw
 from fastret.engine.pipeline import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS, EmbedResult, Skipped, embed_files
@@ -100,6 +100,9 @@ def ids_of_file(index: Index, image: str | Path) -> frozenset[int]:
 
 
 def embed_query(encoder: Encoder, image: str | Path) -> np.ndarray:
-    """One query file -> its embedding (raises ImageError with the reason if it cannot be read)."""
-    pixels = load_pixels(image, encoder.info.preprocessing)
+    """One query file -> its embedding (raises ImageError naming the file and the reason)."""
+    try:
+        pixels = load_pixels(image, encoder.info.preprocessing)
+    except ImageError as exc:
+        raise ImageError(f"{image}: {exc}") from None
     return encoder.encode(pixels[None])[0]
