@@ -153,3 +153,25 @@ def test_different_seeds_give_different_images(tiny_source, tmp_path):
                str(tmp_path / "other"), "--db", "40", "--queries", "6", "--seed", "8", "--query-every", "5"]
     subprocess.run(command, capture_output=True, check=True)
     assert _digests(tmp_path / "one") != _digests(tmp_path / "other")
+
+
+@pytest.mark.slow
+@pytest.mark.data
+def test_ta_speed_runs_both_sides_on_a_small_limit(wang1k, tmp_path):
+    scaled = tmp_path / "scaled"
+    subprocess.run([sys.executable, str(REPO / "benchmarks" / "make_scaled_set.py"), "--src", str(wang1k), "--out",
+                    str(scaled), "--per-class", "10", "--db", "60", "--queries", "10"], check=True, capture_output=True)
+    out = tmp_path / "ta"
+    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "ta_speed.py"), "--db", str(scaled / "db"),
+                          "--queries", str(scaled / "queries"), "--limit", "40", "--out", str(out)],
+                         check=True, capture_output=True, text=True)
+    assert "speed-up" in run.stdout
+    summary = json.loads((out / "ta_speed.json").read_text())
+    assert summary["limit"] == 40 and set(summary["speedup"]) >= {"db_embed", "queries", "total"}
+    for side in ("baseline", "fastret"):
+        result = summary["results"][side]
+        assert result["db_images"] == 40 and result["query_images"] == 4
+        assert 0.0 <= result["P@10"] <= 1.0 and result["peak_rss_mib"] > 0
+        lists = sorted((out / side / "results").rglob("*.txt"))
+        assert len(lists) == 4
+        assert all(len(path.read_text().splitlines()) == 10 for path in lists)
