@@ -10,7 +10,7 @@ from pathlib import Path
 
 from fastret import __version__
 from fastret.engine.decode import ImageError
-from fastret.engine.encoders import BACKENDS
+from fastret.engine.encoders import BACKENDS, PRECISIONS, describe_runtime
 from fastret.engine.index import BadIndex, HnswParams, Index, default_index_dir
 from fastret.engine.load import BackendUnavailable, encoder_for_index, open_encoder
 from fastret.engine.pipeline import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS
@@ -29,6 +29,15 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def add_precision_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        choices=PRECISIONS,
+        help="auto (default: the fastest that passed its parity check here), fp32, bf16 (openvino), int8 (CLIP on onnxruntime)",
+    )
+
+
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
@@ -36,12 +45,15 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         help="auto (default), efficientnet-lite2, clip-vit-b32, hf:ORG/NAME or a CLIP checkpoint directory",
     )
     parser.add_argument("--backend", default="auto", choices=BACKENDS, help="runtime (default: auto)")
+    add_precision_option(parser)
     parser.add_argument("--threads", type=int, default=None, help="encoder threads (default: all cores)")
 
 
 def cmd_index(args: argparse.Namespace) -> int:
-    encoder = open_encoder(args.model, args.backend, threads=args.threads, image_dir=Path(args.dir), log=log)
-    log(f"indexing {args.dir} with {encoder.info.model_id} on {encoder.backend}")
+    encoder = open_encoder(
+        args.model, args.backend, threads=args.threads, image_dir=Path(args.dir), precision=args.precision, log=log
+    )
+    log(f"indexing {args.dir} with {encoder.info.model_id} on {describe_runtime(encoder)}")
     index, result = build_index(
         args.dir,
         encoder,
@@ -68,7 +80,7 @@ def cmd_index(args: argparse.Namespace) -> int:
 def cmd_search(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     index = Index.load(args.index)
-    encoder = encoder_for_index(index.model, args.backend, threads=args.threads, log=log)
+    encoder = encoder_for_index(index.model, args.backend, threads=args.threads, precision=args.precision, log=log)
     loaded = time.perf_counter()
     query = embed_query(FlipAveragedEncoder(encoder) if args.flip_tta else encoder, args.image)
     exclude = frozenset() if args.include_self else ids_of_file(index, args.image)
@@ -135,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--include-self", action="store_true", help="keep the query file itself when it is in the index"
     )
     search.add_argument("--backend", default="auto", choices=BACKENDS)
+    add_precision_option(search)
     search.add_argument("--threads", type=int, default=None)
     add_rerank_options(search)
     search.set_defaults(run=cmd_search)

@@ -70,9 +70,14 @@ def encoder_for_source(
             raise BackendUnavailable(f"backend tensorrt: {reason}")
         if (export_dir / PLAN_FILE).is_file():
             log(f"not using the TensorRT plan: {reason}")
-    if backend == "openvino" or (backend == "auto" and _cpu_only() and openvino_missing() is None):
+    cpu_only = _cpu_only()
+    if backend == "auto" and cpu_only:
+        backend = "onnxruntime" if precision == "int8" or openvino_missing() else "openvino"
+    if backend == "openvino":
         return _openvino_encoder(export_dir, info, precision, **extra)
-    if precision == "int8" or (precision == "auto" and backend in ("auto", "onnxruntime") and _cpu_only()):
+    if precision == "bf16":
+        raise BackendUnavailable(f"precision bf16 runs on the openvino backend, not {backend}")
+    if precision == "int8" or (precision == "auto" and backend == "onnxruntime" and cpu_only):
         path = _int8_onnx(export_dir, source.family, image_dir, required=precision == "int8", log=log)
         if path is not None:
             return OnnxEncoder(path, info, providers=["CPUExecutionProvider"], precision="int8", **extra)

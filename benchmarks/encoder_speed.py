@@ -1,0 +1,142 @@
+"""Encoder throughput of every CPU runtime and precision, with parity and the compute floor.
+
+For each architecture (the bundled EfficientNet-Lite2; the CLIP ViT-B/32 architecture with random
+weights, timing only) it times torch eager fp32 (the baseline), ONNX Runtime fp32 / int8,
+OpenVINO fp32 / bf16 on the same real images at one batch size, and reports images/s, the ratio
+to torch, and min cosine / max abs difference against torch fp32. The floor: FLOPs per image
+(torch's FLOP counter over convolutions and matrix products) over the machine's measured fp32 peak
+(a large numpy sgemm on all cores), i.e. the best images/s an fp32 runtime could reach.
+
+    python benchmarks/encoder_speed.py --images ../shared/data/wang1k --batch 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from clip_random import CLIP_RANDOM, model_argument, model_label  # noqa: E402
+from common import OUT, machine, table, write_json  # noqa: E402
+
+from fastret.engine.decode import list_images, load_pixels  # noqa: E402
+from fastret.engine.load import BackendUnavailable, encoder_for_source  # noqa: E402
+from fastret.export.models import resolve_model  # noqa: E402
+from fastret.export.onnx_export import compare_embeddings, ensure_exported  # noqa: E402
+
+RUNTIMES = (("torch", "fp32"), ("onnxruntime", "fp32"), ("onnxruntime", "int8"), ("openvino", "fp32"), ("openvino", "bf16"))
+
+
+def model_flops(source) -> float:
+    """FLOPs of one image through the model's matrix products and convolutions (torch's counter)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fastret.export.models import load_torch_model
+
+    model = load_torch_model(source)
+    size = source.preprocessing.size
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        model(torch.zeros((1, size, size, 3), dtype=torch.uint8))
+    return float(counter.get_total_flops())
+
+
+def measured_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """fp32 GFLOP/s of numpy's sgemm on all cores: the machine's practical fp32 peak."""
+    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    a @ a
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        a @ a
+        best = min(best, time.perf_counter() - started)
+    return 2 * n**3 / best / 1e9
+
+
+def images_per_second(encoder, pixels: np.ndarray, batch: int, rounds: int) -> float:
+    """Best of `rounds` passes over the pixels in batches (best-of resists a noisy machine)."""
+    encoder.encode(pixels[:batch])
+    best = float("inf")
+    for _ in range(rounds):
+        started = time.perf_counter()
+        for i in range(0, len(pixels), batch):
+            encoder.encode(pixels[i : i + batch])
+        best = min(best, time.perf_counter() - started)
+    return len(pixels) / best
+
+
+def bench_model(name: str, images: Path, count: int, batch: int, rounds: int) -> list[dict]:
+    source, _ = resolve_model(model_argument(name))
+    ensure_exported(source, image_dir=images, log=lambda _: None)
+    pixels = np.stack([load_pixels(p, source.preprocessing) for p in list_images(images)[:count]])
+    flops = model_flops(source)
+    rows, reference, torch_rate = [], None, None
+    for backend, precision in RUNTIMES:
+        try:
+            encoder = encoder_for_source(source, backend, precision=precision, image_dir=images, log=lambda _: None)
+        except BackendUnavailable as exc:
+            rows.append({"model": model_label(name), "runtime": f"{backend} {precision}", "skipped": str(exc)})
+            continue
+        embeddings = np.concatenate([encoder.encode(pixels[i : i + batch]) for i in range(0, len(pixels), batch)])
+        rate = images_per_second(encoder, pixels, batch, rounds)
+        if reference is None:
+            reference, torch_rate = embeddings, rate
+        parity = compare_embeddings(reference, embeddings, str(images))
+        rows.append(
+            {
+                "model": model_label(name),
+                "runtime": f"{backend} {precision}",
+                "images_per_s": round(rate, 1),
+                "vs_torch": round(rate / torch_rate, 2),
+                "min_cosine_vs_torch": round(parity.min_cosine, 6),
+                "max_abs_diff_vs_torch": float(f"{parity.max_abs_diff:.2e}"),
+                "gflops_per_image": round(flops / 1e9, 3),
+            }
+        )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=Path, required=True, help="folder of real images")
+    parser.add_argument("--count", type=int, default=64, help="images per pass")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--models", nargs="+", default=["efficientnet-lite2", CLIP_RANDOM])
+    parser.add_argument("--out", type=Path, default=OUT / "encoder_speed.json")
+    args = parser.parse_args(argv)
+
+    peak = measured_peak_gflops()
+    rows = [row for name in args.models for row in bench_model(name, args.images, args.count, args.batch, args.rounds)]
+    for row in rows:
+        if "images_per_s" in row:
+            floor = peak / row["gflops_per_image"]
+            row["fp32_floor_images_per_s"] = round(floor, 1)
+            row["share_of_fp32_floor"] = round(row["images_per_s"] / floor, 2)
+    header = ["model", "runtime", "images/s", "x torch", "min cos", "GFLOP/img", "fp32 floor img/s", "of floor"]
+    print(f"measured fp32 peak (numpy sgemm, {machine()['cores']} cores): {peak:.0f} GFLOP/s; batch {args.batch}")
+    print(
+        table(
+            header,
+            [
+                [r["model"], r["runtime"], r.get("images_per_s"), r.get("vs_torch"), r.get("min_cosine_vs_torch"),
+                 r.get("gflops_per_image"), r.get("fp32_floor_images_per_s"), r.get("share_of_fp32_floor")]
+                for r in rows
+            ],
+        )
+    )
+    for row in rows:
+        if "skipped" in row:
+            print(f"skipped {row['model']} {row['runtime']}: {row['skipped']}")
+    write_json(args.out, {"machine": machine(), "peak_gflops": round(peak, 1), "batch": args.batch, "rows": rows})
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
