@@ -9,19 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
-from fastret.export.onnx_export import (
-    FP16_ONNX,
-    FP32_ONNX,
-    Parity,
-    add_artefact,
-    compare_embeddings,
-    onnx_embed,
-    parity_pixels,
-    read_metadata,
-)
-from fastret.engine.decode import Preprocessing
+from fastret.export.onnx_export import FP16_ONNX, Parity, derive_onnx
 
 FP32_OPS = ["LayerNormalization", "Softmax", "ReduceL2", "Div"]
 FP16_MIN_COSINE = 0.999
@@ -36,18 +24,14 @@ def convert_fp16(src: Path, dst: Path) -> None:
 
 
 def export_fp16(export_dir: Path, *, image_dir: Path | None = None, log=print) -> tuple[Path, Parity]:
-    """Write model.fp16.onnx beside model.onnx and record its parity against the fp32 ONNX."""
-    metadata = read_metadata(export_dir)
-    spec = Preprocessing.from_dict(metadata["preprocessing"])
-    dst = export_dir / FP16_ONNX
-    convert_fp16(export_dir / FP32_ONNX, dst)
-    pixels, source = parity_pixels(spec, image_dir)
-    parity = compare_embeddings(
-        onnx_embed(export_dir / FP32_ONNX, pixels), onnx_embed(dst, pixels).astype(np.float32), source
+    """Write model.fp16.onnx beside model.onnx when its parity against fp32 holds; record it."""
+    return derive_onnx(
+        export_dir,
+        FP16_ONNX,
+        convert_fp16,
+        label="ONNX fp16 (CPU provider)",
+        min_cosine=FP16_MIN_COSINE,
+        info={"precision": "fp16", "fp32_ops": FP32_OPS},
+        image_dir=image_dir,
+        log=log,
     )
-    log(parity.line("ONNX fp16 vs ONNX fp32 (CPU provider)"))
-    if parity.min_cosine < FP16_MIN_COSINE:
-        dst.unlink()
-        raise ValueError(f"fp16 ONNX min cosine {parity.min_cosine:.5f} < {FP16_MIN_COSINE}; not kept")
-    add_artefact(export_dir, FP16_ONNX, {"precision": "fp16", "fp32_ops": FP32_OPS, "parity_vs_onnx_fp32": parity.to_dict()})
-    return dst, parity

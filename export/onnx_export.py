@@ -17,7 +17,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -242,3 +242,37 @@ def add_artefact(export_dir: Path, name: str, info: dict) -> None:
     metadata = read_metadata(export_dir)
     metadata.setdefault("artefacts", {})[name] = info
     write_json_atomic(export_dir / METADATA_FILE, metadata)
+
+
+def derive_onnx(
+    export_dir: Path,
+    name: str,
+    convert: Callable[[Path, Path], None],
+    *,
+    label: str,
+    min_cosine: float,
+    info: dict,
+    image_dir: Path | None = None,
+    log=print,
+) -> tuple[Path, Parity]:
+    """Write a variant of model.onnx (fp16, int8) and keep it only if its parity against fp32 holds.
+
+    The variant is converted into a staging file and renamed into place after the check, so a
+    failed or interrupted conversion never leaves a file that later runs would pick up.
+    """
+    spec = Preprocessing.from_dict(read_metadata(export_dir)["preprocessing"])
+    fd, staging_name = tempfile.mkstemp(dir=export_dir, prefix=f".{name}.", suffix=".tmp")
+    os.close(fd)
+    staging = Path(staging_name)
+    try:
+        convert(export_dir / FP32_ONNX, staging)
+        pixels, source = parity_pixels(spec, image_dir)
+        parity = compare_embeddings(onnx_embed(export_dir / FP32_ONNX, pixels), onnx_embed(staging, pixels), source)
+        log(parity.line(f"{label} vs ONNX fp32"))
+        if parity.min_cosine < min_cosine:
+            raise ValueError(f"{label} min cosine {parity.min_cosine:.5f} < {min_cosine}; not kept")
+        os.replace(staging, export_dir / name)
+    finally:
+        staging.unlink(missing_ok=True)
+    add_artefact(export_dir, name, {**info, "parity_vs_onnx_fp32": parity.to_dict()})
+    return export_dir / name, parity

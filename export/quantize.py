@@ -8,19 +8,9 @@ depthwise convolutions lost too much (see BENCHMARKS.md) and is not shipped.
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
-from fastret.engine.decode import Preprocessing
-from fastret.export.onnx_export import (
-    FP32_ONNX,
-    Parity,
-    add_artefact,
-    compare_embeddings,
-    onnx_embed,
-    parity_pixels,
-    read_metadata,
-)
+from fastret.export.onnx_export import Parity, derive_onnx, read_metadata
 
 INT8_ONNX = "model.int8.onnx"
 INT8_MIN_COSINE = 0.999
@@ -37,21 +27,16 @@ def quantize_dynamic_int8(src: Path, dst: Path) -> None:
 
 def export_int8(export_dir: Path, *, image_dir: Path | None = None, log=print) -> tuple[Path, Parity]:
     """Write model.int8.onnx beside model.onnx when its parity against fp32 holds; record it."""
-    metadata = read_metadata(export_dir)
-    if metadata["family"] not in INT8_FAMILIES:
-        raise ValueError(f"INT8 is offered for {', '.join(INT8_FAMILIES)} models, not {metadata['family']}")
-    spec = Preprocessing.from_dict(metadata["preprocessing"])
-    dst = export_dir / INT8_ONNX
-    with tempfile.TemporaryDirectory(dir=export_dir) as staging:
-        tmp = Path(staging) / INT8_ONNX
-        quantize_dynamic_int8(export_dir / FP32_ONNX, tmp)
-        pixels, source = parity_pixels(spec, image_dir)
-        parity = compare_embeddings(onnx_embed(export_dir / FP32_ONNX, pixels), onnx_embed(tmp, pixels), source)
-        log(parity.line("ONNX int8 (dynamic) vs ONNX fp32"))
-        if parity.min_cosine < INT8_MIN_COSINE:
-            raise ValueError(f"INT8 min cosine {parity.min_cosine:.5f} < {INT8_MIN_COSINE}; keeping fp32")
-        tmp.replace(dst)
-    add_artefact(
-        export_dir, INT8_ONNX, {"precision": "int8-dynamic", "ops": ["MatMul", "Gemm"], "parity_vs_onnx_fp32": parity.to_dict()}
+    family = read_metadata(export_dir)["family"]
+    if family not in INT8_FAMILIES:
+        raise ValueError(f"INT8 is offered for {', '.join(INT8_FAMILIES)} models, not {family}")
+    return derive_onnx(
+        export_dir,
+        INT8_ONNX,
+        quantize_dynamic_int8,
+        label="ONNX int8 (dynamic)",
+        min_cosine=INT8_MIN_COSINE,
+        info={"precision": "int8-dynamic", "ops": ["MatMul", "Gemm"]},
+        image_dir=image_dir,
+        log=log,
     )
-    return dst, parity
