@@ -68,6 +68,11 @@ class RerankOptions:
             raise ValueError("k-reciprocal needs k1, k2 >= 1, candidates >= 2 and 0 <= lam <= 1")
 
 
+RECOMMENDED_RERANK = RerankOptions(dba_n=5, qe_n=5)
+"""`--rerank` in the CLI: alpha-DBA + alpha-QE with 5 neighbours won P@10 and mAP on every set
+measured, for about 1 ms a query (BENCHMARKS.md, 'Re-ranking and query expansion')."""
+
+
 # --- PCA-whitening -----------------------------------------------------------------------------
 
 
@@ -210,9 +215,10 @@ def prepare_database(
     """Index-time work: fit the whitening on the database, augment the database vectors.
 
     `whitening` and `neighbours` (learned state saved by an earlier call) skip the fitting.
+    PCA is skipped for a database of no more items than `pca_dim`: too few to fit the axes.
     """
     embeddings = np.asarray(embeddings, dtype=np.float32)
-    if not options.pca_dim:
+    if not options.pca_dim or len(embeddings) <= options.pca_dim:  # too few items to fit that many axes
         whitening = None
     elif whitening is None:
         whitening = fit_pca_whitening(embeddings, options.pca_dim, options.pca_power)

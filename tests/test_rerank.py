@@ -342,3 +342,33 @@ def test_evaluation_scores_the_reranked_lists(leave_one_out):
                          leave_one_out=leave_one_out, full_ranking=ranked[:, :depth])
     assert result["overall"] == expected["overall"]
     assert result["overall"] != plain["overall"]
+
+
+def test_tiny_databases_skip_pca_and_shrink_neighbourhoods():
+    options = RerankOptions(pca_dim=8, dba_n=5, qe_n=5, kreciprocal=True)
+    for count in (1, 2, 8):
+        database = unit_rows(count, 16, seed=count)
+        prepared = prepare_database(database, options)
+        assert prepared.whitening is None  # no more items than pca_dim
+        ids, _ = rerank_search(prepared, database[0], 10, options, excludes=[frozenset({0})])
+        assert sorted(ids[0][ids[0] >= 0].tolist()) == list(range(1, count))
+    assert prepare_database(unit_rows(9, 16), options).whitening is not None
+
+
+def test_cli_flags_build_the_options():
+    import argparse
+
+    from fastret.cli.rerank_flags import add_rerank_options, rerank_options
+    from fastret.engine.rerank import RECOMMENDED_RERANK
+
+    parser = argparse.ArgumentParser()
+    add_rerank_options(parser)
+
+    def options(*argv: str) -> RerankOptions:
+        return rerank_options(parser.parse_args(list(argv)))
+
+    assert options() == RerankOptions() and not options().active
+    assert options("--rerank") == RECOMMENDED_RERANK
+    assert options("--rerank", "--qe", "0") == RerankOptions(dba_n=RECOMMENDED_RERANK.dba_n)
+    assert options("--dba", "3", "--alpha", "2") == RerankOptions(dba_n=3, dba_alpha=2.0, qe_alpha=2.0)
+    assert options("--pca", "64", "--kreciprocal") == RerankOptions(pca_dim=64, kreciprocal=True)
