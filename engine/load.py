@@ -60,7 +60,8 @@ def encoder_for_source(
         missing = cuda_missing()
         if missing:
             raise BackendUnavailable(f"backend {backend}: {missing}")
-        return TorchCudaEncoder(load_torch_model(source), info, half=backend == "torch-cuda-fp16")
+        fast = backend == "torch-cuda-fp16"  # else fp32 eager: the GPU PyTorch baseline
+        return TorchCudaEncoder(load_torch_model(source), info, half=fast, graphs=fast)
     export_dir = ensure_exported(source, image_dir=image_dir, log=log)
     if backend in ("tensorrt", "auto"):
         plan, reason = plan_status(export_dir)

@@ -160,7 +160,8 @@ class TensorRTEncoder:
         if n < self.min_batch:
             self.padded_in[:n].copy_(device_in)
             device_in = self.padded_in
-        self.context.set_input_shape(self.input_name, tuple(device_in.shape))
+        if not self.context.set_input_shape(self.input_name, tuple(device_in.shape)):
+            raise RuntimeError(f"{self.plan_path}: TensorRT refused input shape {tuple(device_in.shape)}")
         self.context.set_tensor_address(self.input_name, device_in.data_ptr())
         self.context.set_tensor_address(self.output_name, self.device_out.data_ptr())
         if not self.context.execute_async_v3(torch.cuda.current_stream().cuda_stream):
