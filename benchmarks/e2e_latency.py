@@ -1,7 +1,7 @@
 """Warm single-query latency (file -> ranked list) and database throughput, per backend vs the baseline.
 
-For each runtime (fastret on onnxruntime, fastret on torch, and the PyTorch baseline of
-benchmarks/baseline.py), on the same files:
+For each runtime (fastret on openvino, onnxruntime and torch, each at its automatic precision,
+and the PyTorch baseline of benchmarks/baseline.py), on the same files:
 
 * database throughput: images/s embedding --db (fastret: build_index, i.e. pipelined decode +
   batched encode + HNSW build; baseline: host float preprocessing, batches of 32);
@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from fastret.engine.decode import list_images, load_pixels
+from fastret.engine.encoders import describe_runtime
 from fastret.engine.load import BackendUnavailable, open_encoder
 from fastret.engine.retrieval import build_index, rank_hits
 
@@ -29,7 +30,7 @@ from baseline import Baseline, reference_tensor
 from clip_random import model_argument, model_label
 from common import OUT, TOP_K, limited_view, machine, spread, table, write_json
 
-BACKENDS = ("onnxruntime", "torch")
+BACKENDS = ("openvino", "onnxruntime", "torch")
 
 
 def percentiles(samples_ms: list[float]) -> dict:
@@ -67,7 +68,7 @@ def fastret_side(backend: str, model: str, db: Path, queries: list[Path], warmup
         t3 = time.perf_counter()
         return {"read_decode_preprocess": t1 - t0, "encode": t2 - t1, "search": t3 - t2}
 
-    return {"runtime": f"fastret {encoder.backend}", "db_images_per_s": round(embedded.images_per_second, 2),
+    return {"runtime": f"fastret {describe_runtime(encoder)}", "db_images_per_s": round(embedded.images_per_second, 2),
             **time_queries(answer, queries, warmup)}
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from fastret.engine.decode import list_images
+from fastret.engine.encoders import describe_runtime
 from fastret.engine.load import open_encoder
 from fastret.engine.pipeline import embed_files
 from fastret.engine.retrieval import build_index
@@ -65,7 +66,7 @@ def run_fastret(db: Path, queries: Path, model: str, backend: str, out: Path) ->
     seconds["write"] = _lap(started)
     seconds["total"] = _lap(total_started)
     return {
-        "side": f"fastret ({encoder.backend}, pipelined decode, batch 32, batched queries, HNSW "
+        "side": f"fastret ({describe_runtime(encoder)}, pipelined decode, batch 32, batched queries, HNSW "
         f"M={index.hnsw_params.M} ef={index.hnsw_params.ef_search})",
         "model": model_label(model),
         "db_images": len(index),
