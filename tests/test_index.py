@@ -276,8 +276,8 @@ def test_sigkill_while_saving_leaves_the_previous_index(tmp_path, hook):
     )
     try:
         assert child.stdout.readline().strip() == "AT-HOOK"
-        child.send_signal(signal.SIGKILL)
     finally:
+        child.send_signal(signal.SIGKILL)
         child.wait(timeout=30)
     assert child.returncode == -signal.SIGKILL
     # The half-written version is on disk, but CURRENT still names the old one.
