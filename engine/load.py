@@ -66,7 +66,10 @@ def encoder_for_source(
     if backend in ("tensorrt", "auto"):
         plan, reason = plan_status(export_dir)
         if plan is not None:
-            return TensorRTEncoder(plan, info)
+            try:
+                return TensorRTEncoder(plan, info)
+            except RuntimeError as exc:  # a plan TensorRT cannot load: say so, never crash `auto`
+                plan, reason = None, str(exc)
         if backend == "tensorrt":
             raise BackendUnavailable(f"backend tensorrt: {reason}")
         if (export_dir / PLAN_FILE).is_file():

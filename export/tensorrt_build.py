@@ -243,7 +243,11 @@ def build_plan_for_export(
     try:
         staging.write_bytes(plan_bytes)
         pixels, source = parity_pixels(spec, image_dir)
-        parity = compare_embeddings(onnx_embed(export_dir / FP32_ONNX, pixels), TensorRTEncoder(staging, info).encode(pixels), source)
+        try:
+            candidate = TensorRTEncoder(staging, info).encode(pixels)
+        except RuntimeError as exc:
+            raise ExportError(f"the TensorRT plan just built does not run: {exc}") from None
+        parity = compare_embeddings(onnx_embed(export_dir / FP32_ONNX, pixels), candidate, source)
         log(parity.line("TensorRT fp16 vs ONNX Runtime fp32"))
         if parity.min_cosine < TRT_MIN_COSINE:
             raise ExportError(f"TensorRT plan min cosine {parity.min_cosine:.5f} < {TRT_MIN_COSINE}; not kept")

@@ -305,3 +305,182 @@ def test_plan_recorded_for_another_gpu_is_refused(tiny_plan, tiny_export, tiny_s
         assert encoder_for_source(tiny_source, "auto", **QUIET).backend.startswith("onnxruntime")
     finally:
         metadata_path.write_text(original)
+
+
+# --- the builder's TensorRT calls, against a stand-in module (runs everywhere) ----------------------
+
+
+class _FakeTensorRT:
+    """Just enough of the `tensorrt` module to record what build_serialized_plan asks of it."""
+
+    def __init__(self, parses: bool = True, builds: bool = True):
+        self.calls: dict = {}
+        self.parses, self.builds = parses, builds
+        fake = self
+
+        class Logger:
+            WARNING = 2
+
+            def __init__(self, level):
+                fake.calls["logger_level"] = level
+
+        class TimingCache:
+            def __init__(self, data: bytes):
+                self.data = bytes(data)
+
+            def serialize(self):
+                return bytearray(self.data + b"+timings")
+
+        class Config:
+            def set_memory_pool_limit(self, pool, size):
+                fake.calls["pool"] = (pool, size)
+
+            def add_optimization_profile(self, profile):
+                fake.calls["profile"] = profile.shapes
+
+            def create_timing_cache(self, data):
+                fake.calls.setdefault("cache_in", []).append(bytes(data))
+                return TimingCache(data)
+
+            def set_timing_cache(self, cache, ignore_mismatch):
+                self.cache = cache
+                return True
+
+            def get_timing_cache(self):
+                return self.cache
+
+        class Profile:
+            def set_shape(self, name, low, opt, high):
+                self.shapes = (name, low, opt, high)
+
+        class Builder:
+            def __init__(self, logger):
+                pass
+
+            def create_network(self, flags):
+                fake.calls["network_flags"] = flags
+                return "network"
+
+            def create_builder_config(self):
+                return Config()
+
+            def create_optimization_profile(self):
+                return Profile()
+
+            def build_serialized_network(self, network, config):
+                return bytearray(b"PLAN") if fake.builds else None
+
+        class OnnxParser:
+            num_errors = 1
+
+            def __init__(self, network, logger):
+                pass
+
+            def parse(self, data):
+                fake.calls["parsed"] = bytes(data)
+                return fake.parses
+
+            def get_error(self, i):
+                return "In node 3 (Transpose): UINT8 is not supported"
+
+        self.module = type(sys)("tensorrt")
+        self.module.__dict__.update(
+            Logger=Logger,
+            Builder=Builder,
+            OnnxParser=OnnxParser,
+            NetworkDefinitionCreationFlag=type("Flags", (), {"STRONGLY_TYPED": 3}),
+            MemoryPoolType=type("Pools", (), {"WORKSPACE": "workspace"}),
+        )
+
+
+@pytest.fixture
+def fake_tensorrt(monkeypatch):
+    from fastret.engine import tensorrt_runtime
+
+    def install(**kwargs) -> _FakeTensorRT:
+        fake = _FakeTensorRT(**kwargs)
+        monkeypatch.setitem(sys.modules, "tensorrt", fake.module)
+        monkeypatch.setattr(tensorrt_runtime, "_LOGGER", None)
+        return fake
+
+    return install
+
+
+def test_builder_asks_for_a_strongly_typed_network_profile_workspace_and_reuses_the_timing_cache(
+    fake_tensorrt, tmp_path
+):
+    from fastret.export.tensorrt_build import build_serialized_plan
+
+    fake = fake_tensorrt()
+    cache = tmp_path / "tensorrt" / "timing.cache"
+    plan = build_serialized_plan(b"onnx-bytes", "pixels", 224, BatchProfile(1, 64, 256), 1 << 30, cache, **QUIET)
+    assert plan == b"PLAN"
+    assert fake.calls["parsed"] == b"onnx-bytes"
+    assert fake.calls["network_flags"] == 1 << 3
+    assert fake.calls["pool"] == ("workspace", 1 << 30)
+    assert fake.calls["profile"] == ("pixels", (1, 224, 224, 3), (64, 224, 224, 3), (256, 224, 224, 3))
+    assert fake.calls["cache_in"] == [b""] and cache.read_bytes() == b"+timings"
+
+    build_serialized_plan(b"onnx-bytes", "pixels", 224, BatchProfile(), 1 << 30, cache, **QUIET)
+    assert fake.calls["cache_in"] == [b"", b"+timings"]  # the saved cache seeds the next build
+    assert cache.read_bytes() == b"+timings+timings"
+
+
+@pytest.mark.parametrize(
+    "failure, message",
+    [({"parses": False}, "could not parse the ONNX model: In node 3"), ({"builds": False}, "build_serialized_network failed")],
+)
+def test_builder_failures_are_export_errors_with_the_reason(fake_tensorrt, tmp_path, failure, message):
+    from fastret.export.onnx_export import ExportError
+    from fastret.export.tensorrt_build import build_serialized_plan
+
+    fake_tensorrt(**failure)
+    with pytest.raises(ExportError, match=message):
+        build_serialized_plan(b"x", "pixels", 32, BatchProfile(), 1 << 20, tmp_path / "t.cache", **QUIET)
+
+
+@pytest.fixture
+def stand_in_gpu(fake_tensorrt, monkeypatch):
+    """build_plan_for_export with the fake TensorRT, an H100 'here', and a plan runner given per test."""
+    from fastret.export import tensorrt_build
+
+    fake_tensorrt()
+    monkeypatch.setattr(tensorrt_build, "tensorrt_missing", lambda: None)
+    monkeypatch.setattr(tensorrt_build, "current_target", lambda: H100)
+
+    def runner(embed):
+        class PlanRunner:
+            def __init__(self, path, info):
+                assert path.read_bytes() == b"PLAN"
+
+            def encode(self, pixels):
+                return embed(pixels)
+
+        monkeypatch.setattr(tensorrt_build, "TensorRTEncoder", PlanRunner)
+
+    return runner
+
+
+def test_plan_is_kept_and_recorded_only_when_it_matches_onnxruntime(stand_in_gpu, tiny_source, tmp_path):
+    from fastret.export.onnx_export import export_onnx, onnx_embed
+    from fastret.export.tensorrt_build import build_plan_for_export
+
+    export_dir = export_onnx(tiny_source, tmp_path / "export", **QUIET)
+    stand_in_gpu(lambda pixels: onnx_embed(export_dir / FP32_ONNX, pixels))
+    plan = build_plan_for_export(export_dir, profile=BatchProfile(1, 8, 32), workspace_gib=0.5, **QUIET)
+    assert plan == export_dir / PLAN_FILE and plan.read_bytes() == b"PLAN"
+    assert (export_dir / FP16_ONNX).is_file()  # written first: the plan is parsed from it
+    record = read_metadata(export_dir)["artefacts"][PLAN_FILE]
+    assert plan_problem(record, H100) is None
+    assert record["batch_profile"] == {"min": 1, "opt": 8, "max": 32} and record["workspace_gib"] == 0.5
+    assert record["parity_vs_onnx_fp32"]["min_cosine"] > 0.9999
+    assert "strongly typed" in record["precision"] and "LayerNormalization" in record["fp32_ops"]
+
+    rng = np.random.default_rng(1)
+    stand_in_gpu(lambda pixels: rng.normal(size=(len(pixels), tiny_source.dim)).astype(np.float32))
+    plan.unlink()
+    from fastret.export.onnx_export import ExportError
+
+    with pytest.raises(ExportError, match="TensorRT plan min cosine .* < 0.999; not kept"):
+        build_plan_for_export(export_dir, **QUIET)
+    assert not plan.exists() and not list(export_dir.glob(f".{PLAN_FILE}.tmp-*"))
