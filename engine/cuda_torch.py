@@ -171,8 +171,6 @@ class TorchCudaEncoder:
     backend: str = field(init=False)
 
     def __post_init__(self) -> None:
-        import torch
-
         reason = cuda_missing() if self.device == "cuda" else None
         if reason:
             raise RuntimeError(reason)
@@ -181,8 +179,7 @@ class TorchCudaEncoder:
         self.backend = "torch-cuda-fp16" if self.half else "torch-cuda"
         module = self.module.to(self.device).eval()
         self.module = module.half() if self.half else module
-        self._graphs: dict[int, tuple] = {}
-        self._pool = torch.cuda.graph_pool_handle() if self.graphs else None
+        self._graphs: dict[int, tuple] = {}  # bucket -> (graph, static input, static output)
         size = self.info.preprocessing.size
         self.pipeline = StagedPipeline(self._launch, self.max_batch, (size, size, 3), self.info.dim, device=self.device)
 
@@ -206,7 +203,7 @@ class TorchCudaEncoder:
                 self._forward(static_in)
         torch.cuda.current_stream().wait_stream(warmup)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        with torch.cuda.graph(graph):  # a private memory pool per graph: no reuse hazards between buckets
             static_out = self._forward(static_in)
         return graph, static_in, static_out
 
