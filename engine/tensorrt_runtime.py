@@ -135,6 +135,8 @@ class TensorRTEncoder:
         if self.engine is None:
             raise RuntimeError(f"{self.plan_path}: TensorRT could not deserialize the plan (see its log above)")
         self.context = self.engine.create_execution_context()
+        if self.context is None:
+            raise RuntimeError(f"{self.plan_path}: TensorRT could not create an execution context (GPU memory?)")
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
