@@ -222,8 +222,8 @@ def device_description(dry_run: bool) -> dict:
         described.update(
             gpu=torch.cuda.get_device_name(0),
             compute_capability=f"{major}.{minor}",
-            tf32_matmul=torch.backends.cuda.matmul.allow_tf32,
-            tf32_cudnn=torch.backends.cudnn.allow_tf32,
+            tf32_matmul=getattr(torch.backends.cuda.matmul, "allow_tf32", None),
+            tf32_cudnn=getattr(torch.backends.cudnn, "allow_tf32", None),
         )
     return described
 
@@ -260,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     dry_run = args.dry_run or missing is not None
     if dry_run:
         print(f"DRY RUN ({missing or '--dry-run'}): CPU stand-ins, batches {DRY_BATCHES}; these are not GPU figures.")
+    device = device_description(dry_run)
     batches = DRY_BATCHES if dry_run else GPU_BATCHES
     min_seconds, calls = (0.05, 3) if dry_run else (args.seconds, 50)
     results = []
@@ -274,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         results.append(result)
     report = {
         "command": "python benchmarks/gpu_check.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "device": device_description(dry_run),
+        "device": device,
         "method": {
             "throughput": "pre-decoded uint8 batches, host->device->host, streamed two in flight where supported",
             "latency": f"single-image encode(), {calls} calls after 5 warm-up",
