@@ -110,27 +110,27 @@ def fit_pca_whitening(database: np.ndarray, dim: int | None = None, power: float
 # --- nearest neighbours with exclusions ----------------------------------------------------------
 
 
-def top_ids(scores: np.ndarray, k: int) -> np.ndarray:
-    """Ids of the k highest scores of one row, best first, ties broken by lower id."""
-    k = min(k, len(scores))
-    part = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
-    return part[np.lexsort((part, -scores[part]))]
-
-
-def _masked(scores: np.ndarray, exclude: frozenset[int]) -> np.ndarray:
-    if exclude:
-        scores = scores.copy()
-        scores[list(exclude)] = -np.inf
-    return scores
+def top_rows(scores: np.ndarray, k: int) -> np.ndarray:
+    """(R, k) ids of the k highest scores of each row, best first, ties broken by lower id."""
+    k = min(k, scores.shape[1])
+    if k < scores.shape[1]:
+        part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    else:
+        part = np.broadcast_to(np.arange(scores.shape[1]), scores.shape)
+    order = np.lexsort((part, -np.take_along_axis(scores, part, axis=1)), axis=1)
+    return np.take_along_axis(part, order, axis=1)
 
 
 # --- database-side augmentation ------------------------------------------------------------------
 
 
-def weighted_sum(vectors: np.ndarray, neighbours: np.ndarray, similarities: np.ndarray, alpha: float) -> np.ndarray:
-    """Unit-length sum of vectors[neighbours] weighted by max(similarity, 0) ** alpha (rows)."""
-    weights = np.clip(similarities, 0.0, None) ** alpha
-    return l2_normalise(np.einsum("rn,rnd->rd", weights, vectors[neighbours]))
+def weighted_sum(vectors: np.ndarray, similarities: np.ndarray, alpha: float) -> np.ndarray:
+    """(R, n, d) vectors, (R, n) similarities -> (R, d) unit sums weighted by max(sim, 0) ** alpha.
+
+    A similarity of -inf marks an absent vector: weight 0 whatever alpha.
+    """
+    weights = np.where(np.isfinite(similarities), np.clip(similarities, 0.0, None) ** alpha, 0.0)
+    return l2_normalise(np.einsum("rn,rnd->rd", weights, vectors))
 
 
 def dba_neighbours(database: np.ndarray, n: int) -> np.ndarray:
@@ -141,18 +141,25 @@ def dba_neighbours(database: np.ndarray, n: int) -> np.ndarray:
 
 def database_augmentation(database: np.ndarray, neighbours: np.ndarray, alpha: float) -> np.ndarray:
     """alpha-DBA: each neighbourhood row (an item first, then its neighbours) -> weighted sum."""
-    similarities = np.einsum("rd,rnd->rn", database[neighbours[:, 0]], database[neighbours])
-    return weighted_sum(database, neighbours, similarities, alpha)
+    vectors = database[neighbours]
+    return weighted_sum(vectors, np.einsum("rd,rnd->rn", vectors[:, 0], vectors), alpha)
 
 
 # --- alpha query expansion -----------------------------------------------------------------------
 
 
-def alpha_query_expansion(query: np.ndarray, top_vectors: np.ndarray, alpha: float) -> np.ndarray:
-    """alpha-QE: unit-length query + sum of its top results' vectors weighted by similarity ** alpha."""
-    vectors = np.vstack([query[None], top_vectors])
-    similarities = np.r_[1.0, top_vectors @ query]  # the query itself has weight 1
-    return weighted_sum(vectors, np.arange(len(vectors))[None], similarities[None], alpha)[0]
+def alpha_query_expansion(
+    queries: np.ndarray, top_vectors: np.ndarray, alpha: float, top_similarities: np.ndarray | None = None
+) -> np.ndarray:
+    """alpha-QE: (R, d) queries + their (R, n, d) top results weighted by similarity ** alpha.
+
+    The query itself weighs 1; `top_similarities` (default: computed) may hold -inf for absent ones.
+    """
+    if top_similarities is None:
+        top_similarities = np.einsum("rd,rnd->rn", queries, top_vectors)
+    vectors = np.concatenate([queries[:, None], top_vectors], axis=1)
+    similarities = np.hstack([np.ones((len(queries), 1), np.float32), top_similarities])
+    return weighted_sum(vectors, similarities, alpha)
 
 
 # --- k-reciprocal re-ranking ---------------------------------------------------------------------
@@ -236,10 +243,11 @@ class Patch:
     rows: np.ndarray
     vectors: np.ndarray
 
-    def scores(self, prepared: PreparedDatabase, query: np.ndarray) -> np.ndarray:
-        scores = prepared.vectors @ query
+    def scores(self, prepared: PreparedDatabase, queries: np.ndarray) -> np.ndarray:
+        """(Q, N) cosines of query rows against the (patched) database vectors."""
+        scores = queries @ prepared.vectors.T
         if len(self.rows):
-            scores[self.rows] = self.vectors @ query
+            scores[:, self.rows] = queries @ self.vectors.T
         return scores
 
     def gather(self, prepared: PreparedDatabase, ids: np.ndarray) -> np.ndarray:
@@ -258,7 +266,7 @@ NO_PATCH = Patch(np.empty(0, np.int64), np.empty((0, 0), np.float32))
 def patch_without(prepared: PreparedDatabase, exclude: frozenset[int], alpha: float) -> Patch:
     """The DBA'd rows rebuilt as if `exclude` were not in the database (only affected rows).
 
-    Cost: one database pass per item that had an excluded item among its DBA neighbours.
+    Cost: one row of scores per item that had an excluded item among its DBA neighbours.
     """
     if prepared.neighbours is None or not exclude:
         return NO_PATCH
@@ -268,42 +276,69 @@ def patch_without(prepared: PreparedDatabase, exclude: frozenset[int], alpha: fl
     rows = np.flatnonzero(hit)
     if not len(rows):
         return NO_PATCH
-    n = prepared.neighbours.shape[1] - 1
-    neighbourhoods = np.empty((len(rows), n + 1), dtype=np.int64)
-    for slot, row in enumerate(rows):
-        scores = _masked(prepared.base @ prepared.base[row], exclude | {int(row)})
-        neighbourhoods[slot] = np.r_[row, top_ids(scores, n)]
-    return Patch(rows, database_augmentation(prepared.base, neighbourhoods, alpha))
+    scores = prepared.base[rows] @ prepared.base.T
+    scores[:, excluded] = -np.inf
+    scores[np.arange(len(rows)), rows] = -np.inf  # an item's own slot is the first, below
+    nearest = top_rows(scores, prepared.neighbours.shape[1] - 1)
+    similarities = np.hstack([np.ones((len(rows), 1), np.float32), np.take_along_axis(scores, nearest, axis=1)])
+    neighbourhoods = np.hstack([rows[:, None], nearest])  # -inf similarity (too few items left): weight 0
+    return Patch(rows, weighted_sum(prepared.base[neighbourhoods], similarities, alpha))
 
 
-def rerank_one(
-    prepared: PreparedDatabase, query: np.ndarray, k: int, options: RerankOptions, exclude: frozenset[int]
+def rerank_rows(
+    prepared: PreparedDatabase,
+    queries: np.ndarray,
+    k: int,
+    options: RerankOptions,
+    excludes: Sequence[frozenset[int]],
+    patch: Patch = NO_PATCH,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k ids and scores of one query; `exclude` ids are absent from the database.
+    """(R, k) ids and scores of a block of queries, scored together; -1 / -inf pad short rows.
 
     Scores are cosines in the final space (whitened / expanded when those are on); with
     k-reciprocal they are 1 - final distance for the re-ranked candidates, and the rest keep
     their order with scores capped at the lowest candidate's.
     """
-    patch = patch_without(prepared, exclude, options.dba_alpha)
-    q = prepared.whitening.apply(query[None])[0] if prepared.whitening else l2_normalise(query)
-    scores = _masked(patch.scores(prepared, q), exclude)
-    available = len(prepared.vectors) - len(exclude)
+    q = prepared.whitening.apply(queries) if prepared.whitening else l2_normalise(queries)
+
+    def masked_scores(vectors: np.ndarray) -> np.ndarray:
+        scores = patch.scores(prepared, vectors)
+        for row, exclude in enumerate(excludes):
+            scores[row, list(exclude)] = -np.inf
+        return scores
+
+    scores = masked_scores(q)
     if options.qe_n:
-        top = top_ids(scores, min(options.qe_n, available))
-        q = alpha_query_expansion(q, patch.gather(prepared, top), options.qe_alpha)
-        scores = _masked(patch.scores(prepared, q), exclude)
-    ranked = top_ids(scores, min(max(k, options.candidates if options.kreciprocal else 0), available))
-    values = scores[ranked]
-    if options.kreciprocal and len(ranked) > 1:
-        head = ranked[: options.candidates]
-        local = np.vstack([q[None], patch.gather(prepared, head)])
-        final = kreciprocal_distance(local, options.k1, options.k2, options.lam)[1:]
-        order = np.lexsort((head, final))
-        ranked = np.r_[head[order], ranked[len(head) :]]
-        head_scores = 1.0 - final[order]  # the tail keeps its order, scored no higher than the head
-        values = np.r_[head_scores, np.minimum(values[len(head) :], head_scores.min())]
-    return ranked[:k], values[:k].astype(np.float32)
+        top = top_rows(scores, options.qe_n)
+        top_scores = np.take_along_axis(scores, top, axis=1)
+        q = alpha_query_expansion(q, patch.gather(prepared, top), options.qe_alpha, top_scores)
+        scores = masked_scores(q)
+    depth = max(k, options.candidates if options.kreciprocal else 0)
+    ranked = top_rows(scores, depth)
+    values = np.take_along_axis(scores, ranked, axis=1)
+    if options.kreciprocal:
+        for row in range(len(q)):
+            ranked[row], values[row] = kreciprocal_rerank(q[row], ranked[row], values[row], prepared, patch, options)
+    ranked, values = ranked[:, :k], values[:, :k]
+    return np.where(np.isfinite(values), ranked, -1), values.astype(np.float32)
+
+
+def kreciprocal_rerank(
+    query: np.ndarray, ranked: np.ndarray, values: np.ndarray, prepared: PreparedDatabase, patch: Patch,
+    options: RerankOptions,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Re-order the first `candidates` of one ranked row (absent items, -inf, stay at the end)."""
+    head = ranked[: min(options.candidates, int(np.isfinite(values).sum()))]
+    if len(head) < 2:
+        return ranked, values
+    local = np.vstack([query[None], patch.gather(prepared, head)])
+    final = kreciprocal_distance(local, options.k1, options.k2, options.lam)[1:]
+    order = np.lexsort((head, final))
+    head_scores = 1.0 - final[order]  # the tail keeps its order, scored no higher than the head
+    return np.r_[head[order], ranked[len(head) :]], np.r_[head_scores, np.minimum(values[len(head) :], head_scores.min())]
+
+
+QUERY_BLOCK = 256  # queries scored together: bounds the (block, N) score matrix
 
 
 def rerank_search(
@@ -313,17 +348,26 @@ def rerank_search(
     options: RerankOptions,
     excludes: Sequence[frozenset[int]] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(Q, k) ids and scores; rows shorter than k (exclusions) are padded with id -1, score -inf."""
+    """(Q, k) ids and scores; rows shorter than k (exclusions) are padded with id -1, score -inf.
+
+    Queries are scored in blocks (matrix products); a query whose exclusions change DBA
+    neighbourhoods (leave-one-out with DBA) runs alone with its own patched database rows.
+    """
     queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
-    excludes = excludes if excludes is not None else [frozenset()] * len(queries)
+    excludes = [frozenset(e) for e in excludes] if excludes is not None else [frozenset()] * len(queries)
     if len(excludes) != len(queries):
         raise ValueError(f"{len(excludes)} exclusion sets for {len(queries)} queries")
     k = min(k, len(prepared.vectors))
     ids = np.full((len(queries), k), -1, dtype=np.int64)
     scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
-    for row, (query, exclude) in enumerate(zip(queries, excludes)):
-        found, values = rerank_one(prepared, query, k, options, frozenset(exclude))
-        ids[row, : len(found)], scores[row, : len(found)] = found, values
+    patched = prepared.neighbours is not None and any(excludes)
+    blocks = [[i] for i in range(len(queries))] if patched else [
+        list(range(start, min(start + QUERY_BLOCK, len(queries)))) for start in range(0, len(queries), QUERY_BLOCK)
+    ]
+    for rows in blocks:
+        block_excludes = [excludes[i] for i in rows]
+        patch = patch_without(prepared, block_excludes[0], options.dba_alpha) if patched else NO_PATCH
+        ids[rows], scores[rows] = rerank_rows(prepared, queries[rows], k, options, block_excludes, patch)
     return ids, scores
 
 

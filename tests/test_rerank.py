@@ -129,7 +129,7 @@ def test_alpha_query_expansion_reorders_a_toy_2d_set():
     # now beats x2 (48.9 deg away): x1, x3, x2.
     database = on_circle(30, -35, 50)
     query = on_circle(0)[0]
-    expanded = alpha_query_expansion(query, database[[0]], alpha=1.0)
+    expanded = alpha_query_expansion(query[None], database[[0]][None], alpha=1.0)[0]
     np.testing.assert_allclose(np.rad2deg(np.arctan2(expanded[1], expanded[0])), 13.9, atol=0.05)
     prepared = prepare_database(database, RerankOptions())
     assert rerank_search(prepared, query, 3, RerankOptions())[0].tolist() == [[0, 1, 2]]
@@ -350,8 +350,12 @@ def test_tiny_databases_skip_pca_and_shrink_neighbourhoods():
         database = unit_rows(count, 16, seed=count)
         prepared = prepare_database(database, options)
         assert prepared.whitening is None  # no more items than pca_dim
-        ids, _ = rerank_search(prepared, database[0], 10, options, excludes=[frozenset({0})])
+        ids, scores = rerank_search(prepared, database[0], 10, options, excludes=[frozenset({0})])
         assert sorted(ids[0][ids[0] >= 0].tolist()) == list(range(1, count))
+        if count > 1:  # item 0 absent: no rebuilt neighbourhood may lean on it, even when too few are left
+            ids_alone, scores_alone = rerank_search(prepare_database(database[1:], options), database[0], 10, options)
+            np.testing.assert_array_equal(ids[0][: count - 1], ids_alone[0][: count - 1] + 1)
+            np.testing.assert_allclose(scores[0][: count - 1], scores_alone[0][: count - 1], rtol=1e-5)
     assert prepare_database(unit_rows(9, 16), options).whitening is not None
 
 
