@@ -18,7 +18,8 @@ def add_rerank_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--rerank",
         action="store_true",
-        help=f"the recommended re-ranking: DBA {recommended.dba_n} + alpha-QE {recommended.qe_n} (exact search)",
+        help=f"the recommended re-ranking: PCA {recommended.pca_dim} + DBA {recommended.dba_n} + alpha-QE "
+        f"{recommended.qe_n} (exact search)",
     )
     group.add_argument("--flip-tta", action="store_true", help="average each embedding made now with its mirror image's")
     group.add_argument("--pca", type=int, default=None, metavar="DIM", help="PCA to DIM dims, fitted on the database")

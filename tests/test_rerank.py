@@ -361,6 +361,7 @@ def test_tiny_databases_skip_pca_and_shrink_neighbourhoods():
 
 def test_cli_flags_build_the_options():
     import argparse
+    from dataclasses import replace
 
     from fastret.cli.rerank_flags import add_rerank_options, rerank_options
     from fastret.engine.rerank import RECOMMENDED_RERANK
@@ -373,6 +374,7 @@ def test_cli_flags_build_the_options():
 
     assert options() == RerankOptions() and not options().active
     assert options("--rerank") == RECOMMENDED_RERANK
-    assert options("--rerank", "--qe", "0") == RerankOptions(dba_n=RECOMMENDED_RERANK.dba_n)
+    assert options("--rerank", "--qe", "0") == replace(RECOMMENDED_RERANK, qe_n=0)
+    assert options("--rerank", "--pca-power", "0.5").pca_power == 0.5
     assert options("--dba", "3", "--alpha", "2") == RerankOptions(dba_n=3, dba_alpha=2.0, qe_alpha=2.0)
     assert options("--pca", "64", "--kreciprocal") == RerankOptions(pca_dim=64, kreciprocal=True)
