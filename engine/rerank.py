@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -390,18 +391,39 @@ def prepare_index(index: Index, options: RerankOptions, version_dir: Path | None
     new index version starts without it, and a read-only index just recomputes it.
     """
     path = state_file(version_dir, options) if version_dir is not None else None
-    if path is not None and path.is_file():
-        try:
-            with np.load(path, allow_pickle=False) as saved:
-                whitening = PcaWhitening(saved["mean"], saved["projection"]) if "mean" in saved else None
-                neighbours = saved["neighbours"] if "neighbours" in saved else None
-            return prepare_database(index.embeddings, options, whitening=whitening, neighbours=neighbours)
-        except (OSError, ValueError, KeyError):
-            pass  # a damaged cache is recomputed and rewritten
-    prepared = prepare_database(index.embeddings, options)
+    saved = _load_state(path, index.embeddings.shape) if path is not None and path.is_file() else None
+    if saved is not None:
+        whitening, neighbours = saved
+        prepared = prepare_database(index.embeddings, options, whitening=whitening, neighbours=neighbours)
+        if prepared.whitening is whitening and prepared.neighbours is neighbours:
+            return prepared
+    prepared = prepare_database(index.embeddings, options)  # a missing or damaged cache is remade
     if path is not None:
         _save_state(path, prepared)
     return prepared
+
+
+def _load_state(path: Path, shape: tuple[int, int]) -> tuple[PcaWhitening | None, np.ndarray | None] | None:
+    """The saved whitening and DBA neighbours, or None if the file is unreadable or does not fit."""
+    count, dim = shape
+    try:
+        with np.load(path, allow_pickle=False) as saved:
+            arrays = {name: saved[name] for name in saved.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        return None
+    whitening = neighbours = None
+    if "mean" in arrays or "projection" in arrays:
+        mean, projection = arrays.get("mean"), arrays.get("projection")
+        if mean is None or projection is None or mean.shape != (dim,) or projection.ndim != 2 or len(projection) != dim:
+            return None
+        whitening = PcaWhitening(mean, projection)
+    if "neighbours" in arrays:
+        neighbours = arrays["neighbours"]
+        if neighbours.ndim != 2 or len(neighbours) != count or neighbours.dtype.kind not in "iu" or (
+            neighbours.size and (neighbours.min() < 0 or neighbours.max() >= count)
+        ):
+            return None
+    return whitening, neighbours
 
 
 def _save_state(path: Path, prepared: PreparedDatabase) -> None:

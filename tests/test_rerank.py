@@ -378,3 +378,30 @@ def test_cli_flags_build_the_options():
     assert options("--rerank", "--pca-power", "0.5").pca_power == 0.5
     assert options("--dba", "3", "--alpha", "2") == RerankOptions(dba_n=3, dba_alpha=2.0, qe_alpha=2.0)
     assert options("--pca", "64", "--kreciprocal") == RerankOptions(pca_dim=64, kreciprocal=True)
+
+
+def test_saved_state_is_reused_and_a_damaged_one_is_remade(tmp_path):
+    from fastret.engine.decode import Preprocessing
+    from fastret.engine.encoders import ModelInfo
+    from fastret.engine.index import Index, Item
+    from fastret.engine.rerank import prepare_index, state_file
+
+    info = ModelInfo("fake", "0" * 64, 6, Preprocessing(8, 8, "bilinear", (0.0,) * 3, (1.0,) * 3))
+    embeddings = unit_rows(30, 6, seed=13)
+    index = Index(info, "/nowhere", [Item(f"{i}.jpg", "x") for i in range(30)], embeddings)
+    options = RerankOptions(pca_dim=4, dba_n=3)
+    fresh = prepare_database(embeddings, options)
+    path = state_file(tmp_path, options)
+    assert path.name == "rerank-pca4p0-dba3.npz"
+    assert state_file(tmp_path, RerankOptions(qe_n=2)) is None  # nothing learned: nothing saved
+    for damage in (None, b"not a zip", b"PK\x03\x04 truncated"):
+        if damage is not None:
+            path.write_bytes(damage)
+        prepared = prepare_index(index, options, tmp_path)
+        np.testing.assert_allclose(prepared.vectors, fresh.vectors, atol=1e-6)
+        np.testing.assert_array_equal(prepared.neighbours, fresh.neighbours)
+        assert path.is_file() and path.read_bytes()[:2] == b"PK"
+    np.savez(path, neighbours=np.full((30, 4), 99))  # ids out of range: remade, not trusted
+    np.testing.assert_array_equal(prepare_index(index, options, tmp_path).neighbours, fresh.neighbours)
+    reused = prepare_index(index, options, tmp_path)  # from the file just rewritten
+    np.testing.assert_allclose(reused.vectors, fresh.vectors, atol=1e-6)
