@@ -1,9 +1,9 @@
-"""Retrieval beyond plain nearest neighbours: PCA-whitening, DBA, alpha-QE, k-reciprocal re-ranking.
+"""Retrieval beyond plain nearest neighbours: PCA / whitening, DBA, alpha-QE, k-reciprocal re-ranking.
 
-All opt-in, all pure numpy over unit embeddings, in one pipeline:
+All off by default (RerankOptions()), all pure numpy over unit embeddings, in one pipeline:
 
-1. PCA-whitening (optionally reducing the dimension) learned on the DATABASE vectors only,
-   applied to database and queries alike, rows renormalised;
+1. PCA (centre, project to fewer dimensions, optionally whiten) learned on the DATABASE vectors
+   only, applied to database and queries alike, rows renormalised;
 2. database-side augmentation (alpha-DBA): each database vector becomes the weighted sum of
    itself and its n nearest database neighbours;
 3. alpha query expansion (alpha-QE): the query becomes the weighted sum of itself and its
@@ -108,7 +108,7 @@ def fit_pca_whitening(database: np.ndarray, dim: int | None = None, power: float
     return PcaWhitening(mean.astype(np.float32), projection.astype(np.float32))
 
 
-# --- nearest neighbours with exclusions ----------------------------------------------------------
+# --- top k of a score matrix ---------------------------------------------------------------------
 
 
 def top_rows(scores: np.ndarray, k: int) -> np.ndarray:
