@@ -37,11 +37,11 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_server(index: Path, max_batch: int, threads: int | None, start_timeout: float):
+def running_server(index: Path, max_batch: int, backend: str, threads: int | None, start_timeout: float):
     """`fastret serve` in a child process; yields its base URL once /health answers."""
     port = free_port()
     command = [sys.executable, "-m", "fastret.cli.main", "serve", "--index", str(index), "--port", str(port),
-               "--max-batch", str(max_batch)] + (["--threads", str(threads)] if threads else [])
+               "--max-batch", str(max_batch), "--backend", backend] + (["--threads", str(threads)] if threads else [])
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, env=os.environ.copy())
     url = f"http://127.0.0.1:{port}"
     try:
@@ -79,7 +79,7 @@ async def one_search(client: httpx.AsyncClient, query: tuple[str, bytes], k: int
         body = response.json()
         top = body["results"][0]["path"] if body["results"] else None
         error = None if top == expected else f"top hit {top}, expected {expected}"
-        return {"seconds": seconds, "error": error, "timing": body["timing"]}
+        return {"seconds": seconds, "error": error, "timing": body["timing"], "backend": body["backend"]}
     except httpx.HTTPError as exc:
         return {"seconds": time.perf_counter() - started, "error": f"{type(exc).__name__}: {exc}"}
 
@@ -108,6 +108,7 @@ async def phase(url: str, queries: list[tuple[str, bytes]], requests: int, concu
     mean = lambda key: round(float(np.mean([t[key] for t in timings])), 2) if timings else None  # noqa: E731
     percentile = lambda q: round(float(np.percentile(latencies_ms, q)), 1) if len(latencies_ms) else None  # noqa: E731
     return {
+        "backend": ",".join(sorted({o["backend"] for o in outcomes if "backend" in o})),
         "concurrency": concurrency,
         "requests": requests,
         "ok": len(latencies_ms),
@@ -133,6 +134,7 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=200, help="searches in flight at once (default: 200)")
     parser.add_argument("--baseline-requests", type=int, default=30, help="one-at-a-time searches first (default: 30)")
     parser.add_argument("--max-batch", default="16,1", help="server --max-batch settings to compare (default: 16,1)")
+    parser.add_argument("--backend", default="auto", help="server --backend (default: auto)")
     parser.add_argument("--threads", type=int, default=None, help="server encoder threads (default: all cores)")
     parser.add_argument("-k", type=int, default=10)
     parser.add_argument("--time-limit", type=float, default=120.0, help="seconds per phase before giving up")
@@ -148,7 +150,7 @@ def main() -> int:
 
     rows = []
     for max_batch in [int(v) for v in args.max_batch.split(",")]:
-        with running_server(args.index, max_batch, args.threads, start_timeout=args.time_limit) as url:
+        with running_server(args.index, max_batch, args.backend, args.threads, start_timeout=args.time_limit) as url:
             asyncio.run(phase(url, queries, 3, 1, args.k, args.time_limit))  # warm-up: first-call costs
             for requests, concurrency in ((args.baseline_requests, 1), (args.requests, args.concurrency)):
                 result = asyncio.run(phase(url, queries, requests, concurrency, args.k, args.time_limit))
@@ -156,10 +158,10 @@ def main() -> int:
                 print(f"max_batch {max_batch}, concurrency {concurrency}: {result['errors']} errors, "
                       f"p50 {result['p50_ms']} ms, p95 {result['p95_ms']} ms", file=sys.stderr)
 
-    header = ["server max_batch", "concurrency", "requests", "errors", "p50 ms", "p95 ms", "p99 ms", "max ms",
+    header = ["backend", "server max_batch", "concurrency", "requests", "errors", "p50 ms", "p95 ms", "p99 ms", "max ms",
               "req/s", "mean batch", "server decode/encode/search ms"]
     print(common.table(header, [
-        [r["max_batch"], r["concurrency"], r["requests"], r["errors"]]
+        [r["backend"], r["max_batch"], r["concurrency"], r["requests"], r["errors"]]
         + [f"{r[key]:.1f}" for key in ("p50_ms", "p95_ms", "p99_ms", "max_ms", "requests_per_s", "mean_batch")]
         + [f"{r['server_decode_ms']:.1f} / {r['server_encode_ms']:.1f} / {r['server_search_ms']:.1f}"]
         for r in rows
