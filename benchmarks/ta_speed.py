@@ -114,7 +114,7 @@ def report(results: dict[str, dict]) -> tuple[str, dict]:
 
 
 def _ratio(numerator: float, denominator: float) -> float | None:
-    return round(numerator / denominator, 2) if denominator else None
+    return round(numerator / denominator, 2) if numerator and denominator else None
 
 
 def _lap(started: float) -> float:
