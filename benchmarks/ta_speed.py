@@ -4,8 +4,8 @@ Each side runs in its own process (so peak memory is its own) over the same file
 files have been read once so both find them in the page cache:
 
 * baseline: benchmarks/baseline.py (PyTorch eager fp32, PIL, one query at a time, exact search);
-* fastret: open_encoder (ONNX Runtime by default; the export is made before timing starts, it is a
-  one-off artefact) + build_index (pipelined decode, batched encode, HNSW build) + batched query
+* fastret: open_encoder (the `auto` runtime: OpenVINO on CPUs; the export is made before timing
+  starts, it is a one-off artefact) + build_index (pipelined decode, batched encode, HNSW build) + batched query
   embedding + one batched HNSW search.
 
 Both write each query's top-10 list to a file and compute P@10 and R@10 (label = folder). Ratios
@@ -28,7 +28,7 @@ import numpy as np
 from fastret.engine.decode import list_images
 from fastret.engine.encoders import describe_runtime
 from fastret.engine.load import open_encoder
-from fastret.engine.pipeline import embed_files
+from fastret.engine.pipeline import DEFAULT_BATCH_SIZE, embed_files
 from fastret.engine.retrieval import build_index
 
 from clip_random import model_argument, model_label
@@ -66,7 +66,7 @@ def run_fastret(db: Path, queries: Path, model: str, backend: str, out: Path) ->
     seconds["write"] = _lap(started)
     seconds["total"] = _lap(total_started)
     return {
-        "side": f"fastret ({describe_runtime(encoder)}, pipelined decode, batch 32, batched queries, HNSW "
+        "side": f"fastret ({describe_runtime(encoder)}, pipelined decode, batch {DEFAULT_BATCH_SIZE}, batched queries, HNSW "
         f"M={index.hnsw_params.M} ef={index.hnsw_params.ef_search})",
         "model": model_label(model),
         "db_images": len(index),

@@ -18,10 +18,12 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from fastret.engine.decode import DEFAULT_MAX_PIXELS, ImageError, Preprocessing, load_pixels
-from fastret.engine.encoders import Encoder
+from fastret.engine.encoders import Encoder, default_threads
 
-DEFAULT_BATCH_SIZE = 32
-DEFAULT_WORKERS = 2
+DEFAULT_BATCH_SIZE = 16
+"""Measured best on 2 cores with OpenVINO (BENCHMARKS.md, "CPU speed"); GPUs want 64-256."""
+DEFAULT_WORKERS = max(1, default_threads() // 4)
+"""Decoding is ~10% of a CPU encoder's work: one decoder thread per 4 cores keeps it ahead."""
 
 
 @dataclass(frozen=True)
