@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from fastret.engine.encoders import BACKENDS
+from fastret.cli.options import add_runtime_options
 from fastret.engine.evaluation import DEFAULT_KS, evaluate_folders
 from fastret.cli.rerank_flags import add_rerank_options, rerank_options
 
@@ -23,8 +23,7 @@ def register(commands) -> None:
     )
     parser.add_argument("-k", type=int, nargs="+", default=list(DEFAULT_KS), help="cut-offs (default: 1 5 10)")
     parser.add_argument("--model", default="auto", help="auto, efficientnet-lite2, clip-vit-b32, hf:ORG/NAME or a dir")
-    parser.add_argument("--backend", default="auto", choices=BACKENDS)
-    parser.add_argument("--threads", type=int, default=None, help="encoder threads (default: all cores)")
+    add_runtime_options(parser)
     parser.add_argument("--index", type=Path, default=None, help="use this index of --db instead of embedding it")
     parser.add_argument("--exact", action="store_true", help="brute-force search instead of HNSW")
     parser.add_argument("--ef", type=int, default=None, help="HNSW ef at query time (default: the index's)")
@@ -40,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
         args.k,
         model=args.model,
         backend=args.backend,
+        precision=args.precision,
         threads=args.threads,
         index_dir=args.index,
         exact=args.exact,

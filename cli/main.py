@@ -10,7 +10,9 @@ from pathlib import Path
 
 from fastret import __version__
 from fastret.engine.decode import ImageError
-from fastret.engine.encoders import BACKENDS, PRECISIONS, describe_runtime
+from fastret.cli import evaluate, serve
+from fastret.cli.options import add_runtime_options
+from fastret.engine.encoders import describe_runtime
 from fastret.engine.index import BadIndex, HnswParams, Index, default_index_dir
 from fastret.engine.load import BackendUnavailable, encoder_for_index, open_encoder
 from fastret.engine.pipeline import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS
@@ -29,24 +31,13 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def add_precision_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--precision",
-        default="auto",
-        choices=PRECISIONS,
-        help="auto (default: the fastest that passed its parity check here), fp32, bf16 (openvino), int8 (CLIP on onnxruntime)",
-    )
-
-
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         default="auto",
         help="auto (default), efficientnet-lite2, clip-vit-b32, hf:ORG/NAME or a CLIP checkpoint directory",
     )
-    parser.add_argument("--backend", default="auto", choices=BACKENDS, help="runtime (default: auto)")
-    add_precision_option(parser)
-    parser.add_argument("--threads", type=int, default=None, help="encoder threads (default: all cores)")
+    add_runtime_options(parser)
 
 
 def cmd_index(args: argparse.Namespace) -> int:
@@ -146,14 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument(
         "--include-self", action="store_true", help="keep the query file itself when it is in the index"
     )
-    search.add_argument("--backend", default="auto", choices=BACKENDS)
-    add_precision_option(search)
-    search.add_argument("--threads", type=int, default=None)
+    add_runtime_options(search)
     add_rerank_options(search)
     search.set_defaults(run=cmd_search)
     # Sub-commands that live in their own modules register below, one line each.
-    __import__("fastret.cli.evaluate", fromlist=["register"]).register(commands)
-    __import__("fastret.cli.serve", fromlist=["register"]).register(commands)
+    evaluate.register(commands)
+    serve.register(commands)
     return parser
 
 

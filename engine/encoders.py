@@ -90,7 +90,8 @@ class TorchEncoder:
         import torch
 
         with torch.inference_mode():
-            return self.module(torch.from_numpy(np.ascontiguousarray(pixels))).numpy()
+            # A private, writable copy: torch refuses to share read-only numpy memory.
+            return self.module(torch.from_numpy(np.array(pixels, copy=True))).numpy()
 
 
 def ort_providers(device: str = "auto", tensorrt_options: dict | None = None) -> list:

@@ -23,6 +23,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from fastret.engine.decode import list_images
+from fastret.engine.encoders import describe_runtime
 from fastret.engine.index import Index
 from fastret.engine.load import encoder_for_index, open_encoder
 from fastret.engine.metrics import drop_self, exact_ranking, leave_one_out_ranking, summarize
@@ -106,6 +107,7 @@ def evaluate_folders(
     *,
     model: str = "auto",
     backend: str = "auto",
+    precision: str = "auto",
     threads: int | None = None,
     index_dir: str | Path | None = None,
     exact: bool = False,
@@ -134,11 +136,11 @@ def evaluate_folders(
             raise ValueError(f"{index_dir}: the index was built from {index.root}, not {db_dir}")
         seconds["index_load"] = _since(started)
         started = time.perf_counter()
-        encoder = encoder_for_index(index.model, backend, threads=threads, log=log)
+        encoder = encoder_for_index(index.model, backend, threads=threads, precision=precision, log=log)
         encoder = FlipAveragedEncoder(encoder) if flip_tta else encoder  # queries only: the index is built
         seconds["model_load"] = _since(started)
     else:
-        encoder = open_encoder(model, backend, threads=threads, image_dir=db_dir, log=log)
+        encoder = open_encoder(model, backend, threads=threads, image_dir=db_dir, precision=precision, log=log)
         encoder = FlipAveragedEncoder(encoder) if flip_tta else encoder
         seconds["model_load"] = _since(started)
         started = time.perf_counter()
@@ -179,7 +181,7 @@ def evaluate_folders(
         "db": str(db_dir),
         "queries_dir": None if queries_dir is None else str(Path(queries_dir).resolve()),
         "model": encoder.info.model_id,
-        "backend": encoder.backend,
+        "backend": describe_runtime(encoder),
         "search": "exact + re-ranking" if rerank.active else "exact" if exact or index.hnsw is None else _hnsw_description(index, ef),
         "rerank": rerank.to_dict() if rerank.active else None,
         "flip_tta": flip_tta,

@@ -21,10 +21,6 @@ from fastret.export.models import ModelSource, load_torch_model, resolve_model
 from fastret.export.onnx_export import FP16_ONNX, FP32_ONNX, INPUT_NAME, ensure_exported
 
 
-OPENVINO_AUTO_PRECISION = "bf16"
-"""Chosen by measurement: see BENCHMARKS.md, "CPU speed"."""
-
-
 class BackendUnavailable(Exception):
     """The requested runtime is not installed or has no artefact for this model."""
 
@@ -76,7 +72,7 @@ def encoder_for_source(
             log(f"not using the TensorRT plan: {reason}")
     cpu_only = _cpu_only()
     if backend == "auto" and cpu_only:
-        backend = "onnxruntime" if precision == "int8" or openvino_missing() else "openvino"
+        backend = _cpu_backend(source.family, precision)
     if backend == "openvino":
         return _openvino_encoder(export_dir, info, precision, **extra)
     if precision == "bf16":
@@ -86,6 +82,21 @@ def encoder_for_source(
         if path is not None:
             return OnnxEncoder(path, info, providers=["CPUExecutionProvider"], precision="int8", **extra)
     return _onnx_encoder(export_dir, info, tensorrt_ep=backend == "onnxruntime-trt", image_dir=image_dir, log=log, **extra)
+
+
+def _cpu_backend(family: str, precision: str) -> str:
+    """`auto` on a CPU, by measurement (BENCHMARKS.md, "CPU speed"): OpenVINO where it can run
+    bf16 (efficientnet-lite2: 1.6x ONNX Runtime fp32), ONNX Runtime otherwise, and for CLIP, whose
+    dynamic INT8 matrix products beat OpenVINO bf16 (1.35x)."""
+    from fastret.export.quantize import INT8_FAMILIES
+
+    if precision == "int8" or openvino_missing():
+        return "onnxruntime"
+    if precision == "auto":
+        if family in INT8_FAMILIES:
+            return "onnxruntime"
+        return "openvino" if cpu_supports_bf16() else "onnxruntime"
+    return "openvino" if precision == "bf16" else "onnxruntime"
 
 
 def _cpu_only() -> bool:
@@ -103,7 +114,7 @@ def _openvino_encoder(export_dir: Path, info: ModelInfo, precision: str, **extra
     if precision == "int8":
         raise BackendUnavailable("backend openvino runs fp32 or bf16; int8 is an onnxruntime option")
     if precision == "auto":
-        precision = OPENVINO_AUTO_PRECISION if cpu_supports_bf16() else "fp32"
+        precision = "bf16" if cpu_supports_bf16() else "fp32"
     if precision == "bf16" and not cpu_supports_bf16():
         raise BackendUnavailable("precision bf16: this CPU has no native bfloat16 arithmetic")
     return OpenVinoEncoder(

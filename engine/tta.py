@@ -48,10 +48,12 @@ class FlipAveragedEncoder:
     inner: Encoder
     info: ModelInfo = field(init=False)
     backend: str = field(init=False)
+    precision: str = field(init=False)
 
     def __post_init__(self) -> None:
         self.info = self.inner.info
         self.backend = f"{self.inner.backend}+flip"
+        self.precision = getattr(self.inner, "precision", "fp32")
 
     def encode(self, pixels: np.ndarray) -> np.ndarray:
         return flip_averaged(self.inner, pixels)

@@ -70,3 +70,13 @@ def test_clip_int8_parity_and_routing(tiny_clip):
     assert int8.path.name == "model.int8.onnx"
     a, b = embed_both(fp32, int8, tiny_clip.preprocessing)
     assert (a * b).sum(1).min() >= 0.999
+
+
+def test_auto_on_cpu_gives_clip_int8(tiny_clip):
+    encoder = encoder_for_source(tiny_clip, "auto", **QUIET)
+    assert (encoder.backend, encoder.precision) == ("onnxruntime", "int8")
+
+
+def test_auto_fp32_on_cpu_is_onnxruntime(bundled_source):
+    encoder = encoder_for_source(bundled_source, "auto", precision="fp32", **QUIET)
+    assert (encoder.backend, encoder.precision) == ("onnxruntime", "fp32")
