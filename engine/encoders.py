@@ -2,7 +2,8 @@
 
 Every encoder has the same small interface: `encode(pixels)` takes a (N, H, W, 3) uint8 batch
 in the model's preprocessing and returns (N, D) float32, L2-normalised. The PyTorch encoder is
-the reference (and the baseline); the ONNX Runtime encoder is the fast default.
+the reference (and the baseline); ONNX Runtime runs the exported graph everywhere, and
+engine/load.py picks the fastest runtime for the machine (OpenVINO, TensorRT, ...) by measurement.
 """
 
 from __future__ import annotations
