@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 from fastret.engine.cuda_torch import TorchCudaEncoder, cuda_missing
 from fastret.engine.encoders import (
@@ -130,15 +131,26 @@ def _int8_onnx(export_dir: Path, family: str, image_dir: Path | None, *, require
         if required:
             raise BackendUnavailable(f"precision int8 is offered for {', '.join(INT8_FAMILIES)} models only")
         return None
-    path = export_dir / INT8_ONNX
+    return _derived_onnx(
+        export_dir / INT8_ONNX,
+        lambda: export_int8(export_dir, image_dir=image_dir, log=log)[0],
+        required=required,
+        fallback="using the fp32 ONNX",
+        log=log,
+    )
+
+
+def _derived_onnx(path: Path, make: Callable[[], Path], *, required: bool, fallback: str, log) -> Path | None:
+    """A variant of the fp32 ONNX (fp16, int8), made on first use; None, and the fp32 ONNX stays, when
+    the variant fails its parity check (an error instead when the user asked for it explicitly)."""
     if path.is_file():
         return path
     try:
-        return export_int8(export_dir, image_dir=image_dir, log=log)[0]
+        return make()
     except ValueError as exc:
         if required:
             raise BackendUnavailable(str(exc)) from None
-        log(f"using the fp32 ONNX: {exc}")
+        log(f"{fallback}: {exc}")
         return None
 
 
@@ -171,14 +183,13 @@ def _fp16_onnx(export_dir: Path, image_dir: Path | None, log) -> Path | None:
     """The export's FP16 ONNX, written on first use; None (fp32 stays) when it fails its parity check."""
     from fastret.export.fp16 import export_fp16
 
-    path = export_dir / FP16_ONNX
-    if path.is_file():
-        return path
-    try:
-        return export_fp16(export_dir, image_dir=image_dir, log=log)[0]
-    except ValueError as exc:
-        log(f"using the fp32 ONNX on CUDA: {exc}")
-        return None
+    return _derived_onnx(
+        export_dir / FP16_ONNX,
+        lambda: export_fp16(export_dir, image_dir=image_dir, log=log)[0],
+        required=False,
+        fallback="using the fp32 ONNX on CUDA",
+        log=log,
+    )
 
 
 def open_encoder(
