@@ -54,8 +54,10 @@ def time_queries(answer, paths: list[Path], warmup: int) -> dict:
 
 
 def fastret_side(backend: str, model: str, db: Path, queries: list[Path], warmup: int) -> dict:
+    # As the CLI does: `fastret index` opens the runtime for throughput, `fastret search` for latency.
+    indexer = open_encoder(model_argument(model), backend, image_dir=db, workload="throughput", log=lambda _: None)
+    index, embedded = build_index(db, indexer)
     encoder = open_encoder(model_argument(model), backend, log=lambda _: None)
-    index, embedded = build_index(db, encoder)
     spec = encoder.info.preprocessing
 
     def answer(path: Path) -> dict:

@@ -2,10 +2,11 @@
 
 For each architecture (the bundled EfficientNet-Lite2; the CLIP ViT-B/32 architecture with random
 weights, timing only) it times torch eager fp32 (the baseline), ONNX Runtime fp32 / int8,
-OpenVINO fp32 / bf16 on the same real images at one batch size, and reports images/s, the ratio
+OpenVINO fp32 / bf16 / int8 on the same real images at one batch size, and reports images/s, the ratio
 to torch, and min cosine / max abs difference against torch fp32. The floor: FLOPs per image
-(torch's FLOP counter over convolutions and matrix products) over the machine's measured fp32 peak
-(a large numpy sgemm on all cores), i.e. the best images/s an fp32 runtime could reach.
+(torch's FLOP counter over convolutions and matrix products) over the machine's measured peak for
+the row's arithmetic (a large fp32 / bf16 / int8 matrix product on all cores), i.e. the best
+images/s a runtime computing everything in that type could reach.
 
     python benchmarks/encoder_speed.py --images ../shared/data/wang1k --batch 16
 """
@@ -29,7 +30,14 @@ from fastret.engine.load import BackendUnavailable, encoder_for_source  # noqa: 
 from fastret.export.models import resolve_model  # noqa: E402
 from fastret.export.onnx_export import compare_embeddings, ensure_exported  # noqa: E402
 
-RUNTIMES = (("torch", "fp32"), ("onnxruntime", "fp32"), ("onnxruntime", "int8"), ("openvino", "fp32"), ("openvino", "bf16"))
+RUNTIMES = (
+    ("torch", "fp32"),
+    ("onnxruntime", "fp32"),
+    ("onnxruntime", "int8"),
+    ("openvino", "fp32"),
+    ("openvino", "bf16"),
+    ("openvino", "int8"),
+)
 
 
 def model_flops(source) -> float:
@@ -46,16 +54,28 @@ def model_flops(source) -> float:
     return float(counter.get_total_flops())
 
 
-def measured_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
-    """fp32 GFLOP/s of numpy's sgemm on all cores: the machine's practical fp32 peak."""
+def measured_peaks(n: int = 2048, repeats: int = 5) -> dict[str, float]:
+    """GFLOP/s (GOP/s for int8) of a large matrix product on all cores, per arithmetic type: numpy's
+    sgemm for fp32, torch's bf16 matmul and int8 `_int_mm` (oneDNN, AVX-512 BF16 / VNNI)."""
+    import torch
+
+    torch.set_num_threads(machine()["cores"])
     a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
-    a @ a
-    best = float("inf")
-    for _ in range(repeats):
-        started = time.perf_counter()
-        a @ a
-        best = min(best, time.perf_counter() - started)
-    return 2 * n**3 / best / 1e9
+    products = {
+        "fp32": lambda: a @ a,
+        "bf16": (lambda b: lambda: b @ b)(torch.from_numpy(a).to(torch.bfloat16)),
+        "int8": (lambda q: lambda: torch._int_mm(q, q))(torch.from_numpy(np.clip(a * 30, -127, 127).astype(np.int8))),
+    }
+    peaks = {}
+    for name, product in products.items():
+        product()
+        best = float("inf")
+        for _ in range(repeats):
+            started = time.perf_counter()
+            product()
+            best = min(best, time.perf_counter() - started)
+        peaks[name] = 2 * n**3 / best / 1e9
+    return peaks
 
 
 def images_per_second(encoder, pixels: np.ndarray, batch: int, rounds: int) -> float:
@@ -111,21 +131,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=OUT / "encoder_speed.json")
     args = parser.parse_args(argv)
 
-    peak = measured_peak_gflops()
+    peaks = measured_peaks()
     rows = [row for name in args.models for row in bench_model(name, args.images, args.count, args.batch, args.rounds)]
     for row in rows:
         if "images_per_s" in row:
-            floor = peak / row["gflops_per_image"]
-            row["fp32_floor_images_per_s"] = round(floor, 1)
-            row["share_of_fp32_floor"] = round(row["images_per_s"] / floor, 2)
-    header = ["model", "runtime", "images/s", "x torch", "min cos", "GFLOP/img", "fp32 floor img/s", "of floor"]
-    print(f"measured fp32 peak (numpy sgemm, {machine()['cores']} cores): {peak:.0f} GFLOP/s; batch {args.batch}")
+            floor = peaks[row["runtime"].split()[-1]] / row["gflops_per_image"]
+            row["floor_images_per_s"] = round(floor, 1)
+            row["share_of_floor"] = round(row["images_per_s"] / floor, 2)
+    header = ["model", "runtime", "images/s", "x torch", "min cos", "GFLOP/img", "floor img/s", "of floor"]
+    print(
+        f"measured peaks on {machine()['cores']} cores (2048^3 matrix product): "
+        + ", ".join(f"{name} {value:.0f}" for name, value in peaks.items())
+        + f" GFLOP/s; batch {args.batch}; floor = the row's precision's peak / GFLOP per image"
+    )
     print(
         table(
             header,
             [
                 [r["model"], r["runtime"], r.get("images_per_s"), r.get("vs_torch"), r.get("min_cosine_vs_torch"),
-                 r.get("gflops_per_image"), r.get("fp32_floor_images_per_s"), r.get("share_of_fp32_floor")]
+                 r.get("gflops_per_image"), r.get("floor_images_per_s"), r.get("share_of_floor")]
                 for r in rows
             ],
         )
@@ -133,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         if "skipped" in row:
             print(f"skipped {row['model']} {row['runtime']}: {row['skipped']}")
-    write_json(args.out, {"machine": machine(), "peak_gflops": round(peak, 1), "batch": args.batch, "rows": rows})
+    peaks_json = {name: round(value, 1) for name, value in peaks.items()}
+    write_json(args.out, {"machine": machine(), "peak_gflops": peaks_json, "batch": args.batch, "rows": rows})
     print(f"wrote {args.out}")
     return 0
 

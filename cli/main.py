@@ -42,7 +42,13 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 
 def cmd_index(args: argparse.Namespace) -> int:
     encoder = open_encoder(
-        args.model, args.backend, threads=args.threads, image_dir=Path(args.dir), precision=args.precision, log=log
+        args.model,
+        args.backend,
+        threads=args.threads,
+        image_dir=Path(args.dir),
+        precision=args.precision,
+        workload="throughput",
+        log=log,
     )
     log(f"indexing {args.dir} with {encoder.info.model_id} on {describe_runtime(encoder)}")
     index, result = build_index(
@@ -62,7 +68,7 @@ def cmd_index(args: argparse.Namespace) -> int:
     seconds = result.stage_seconds
     log(
         f"indexed {len(index)} images, skipped {len(result.skipped)}, in {seconds['total']:.1f} s "
-        f"({result.images_per_second:.1f} images/s; encode {seconds['encode']:.1f} s, "
+        f"({result.images_per_second:.1f} images/s; encoder busy {seconds['encode']:.1f} s, "
         f"HNSW {seconds['hnsw_build']:.2f} s) -> {args.out} ({version.name})"
     )
     return 0
@@ -71,7 +77,9 @@ def cmd_index(args: argparse.Namespace) -> int:
 def cmd_search(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     index = Index.load(args.index)
-    encoder = encoder_for_index(index.model, args.backend, threads=args.threads, precision=args.precision, log=log)
+    encoder = encoder_for_index(
+        index.model, args.backend, threads=args.threads, precision=args.precision, recorded=index.runtime, log=log
+    )
     loaded = time.perf_counter()
     query = embed_query(FlipAveragedEncoder(encoder) if args.flip_tta else encoder, args.image)
     exclude = frozenset() if args.include_self else ids_of_file(index, args.image)

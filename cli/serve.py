@@ -41,7 +41,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from fastret.engine.load import encoder_for_index
 
     index = Index.load(args.index)
-    encoder = encoder_for_index(index.model, args.backend, threads=args.threads, precision=args.precision, log=log)
+    encoder = encoder_for_index(
+        index.model, args.backend, threads=args.threads, precision=args.precision, recorded=index.runtime, log=log
+    )
     app = create_app(
         index, encoder, max_upload_bytes=int(args.max_upload_mb * 2**20), max_batch=args.max_batch
     )

@@ -62,6 +62,7 @@ class Index:
     hnsw_params: HnswParams = field(default_factory=HnswParams)
     hnsw: object | None = None  # hnswlib.Index, built lazily for tiny sets
     created: float = field(default_factory=time.time)
+    runtime: dict | None = None  # {"backend", "precision"} that embedded the gallery; queries reuse it
 
     def __post_init__(self) -> None:
         if self.embeddings.ndim != 2 or self.embeddings.shape != (len(self.items), self.model.dim):
@@ -106,6 +107,7 @@ class Index:
             "root": self.root,
             "hnsw": asdict(self.hnsw_params),
             "created": self.created,
+            "runtime": self.runtime,
             "files": files,
         }
 
@@ -163,7 +165,8 @@ class Index:
                 f"{index_dir}: damaged index, {len(items)} items and embeddings {embeddings.shape} "
                 f"but the manifest says {manifest['count']} x {manifest['dim']}"
             )
-        index = cls(model, manifest["root"], items, embeddings, params, created=manifest["created"])
+        runtime = manifest.get("runtime")  # absent in indexes written before it was recorded
+        index = cls(model, manifest["root"], items, embeddings, params, created=manifest["created"], runtime=runtime)
         index.hnsw = load_hnsw(version / HNSW, model.dim, len(items))
         return index
 

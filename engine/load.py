@@ -42,9 +42,14 @@ def encoder_for_source(
     threads: int | None = None,
     image_dir: Path | None = None,
     precision: str = "auto",
+    workload: str = "latency",
     log=print,
 ) -> Encoder:
-    """An Encoder for a resolved model on the chosen backend and precision."""
+    """An Encoder for a resolved model on the chosen backend and precision.
+
+    `workload`: "latency" for one query at a time, "throughput" for batch jobs (index, eval), where
+    OpenVINO then serves several batches at once; other runtimes ignore it.
+    """
     if backend not in BACKENDS:
         raise BackendUnavailable(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     if precision not in PRECISIONS:
@@ -75,7 +80,9 @@ def encoder_for_source(
     if backend == "auto" and cpu_only:
         backend = _cpu_backend(source.family, precision)
     if backend == "openvino":
-        return _openvino_encoder(export_dir, info, precision, **extra)
+        return _openvino_encoder(
+            export_dir, info, source.family, precision, workload, image_dir=image_dir, log=log, **extra
+        )
     if precision == "bf16":
         raise BackendUnavailable(f"precision bf16 runs on the openvino backend, not {backend}")
     if precision == "int8" or (precision == "auto" and backend == "onnxruntime" and cpu_only):
@@ -86,13 +93,16 @@ def encoder_for_source(
 
 
 def _cpu_backend(family: str, precision: str) -> str:
-    """`auto` on a CPU, by measurement (BENCHMARKS.md, "CPU speed"): OpenVINO where it can run
-    bf16 (efficientnet-lite2: 1.6x ONNX Runtime fp32), ONNX Runtime otherwise, and for CLIP, whose
-    dynamic INT8 matrix products beat OpenVINO bf16 (1.35x)."""
-    from fastret.export.quantize import INT8_FAMILIES
+    """`auto` on a CPU, by measurement (BENCHMARKS.md, "CPU speed"): OpenVINO for the CNN (static
+    INT8 once calibrated, else bf16 where the CPU has it: 1.6x ONNX Runtime fp32), ONNX Runtime
+    where OpenVINO would only run fp32, and for CLIP, whose dynamic INT8 matrix products beat
+    OpenVINO bf16 (1.35x)."""
+    from fastret.export.quantize import INT8_FAMILIES, OPENVINO_INT8_FAMILIES
 
-    if precision == "int8" or openvino_missing():
+    if openvino_missing():
         return "onnxruntime"
+    if family in OPENVINO_INT8_FAMILIES and precision in ("auto", "int8"):
+        return "openvino"
     if precision == "auto":
         if family in INT8_FAMILIES:
             return "onnxruntime"
@@ -107,31 +117,70 @@ def _cpu_only() -> bool:
     return "CUDAExecutionProvider" not in ort.get_available_providers()
 
 
-def _openvino_encoder(export_dir: Path, info: ModelInfo, precision: str, **extra) -> Encoder:
-    """OpenVINO on the CPU: bf16 where the CPU has it and `precision` allows, else fp32."""
+def _openvino_encoder(
+    export_dir: Path,
+    info: ModelInfo,
+    family: str,
+    precision: str,
+    workload: str,
+    *,
+    image_dir: Path | None,
+    log,
+    **extra,
+) -> Encoder:
+    """OpenVINO on the CPU: static INT8 where the model has it, else bf16 where the CPU has it, else fp32."""
     missing = openvino_missing()
     if missing:
         raise BackendUnavailable(f"backend openvino: {missing}")
-    if precision == "int8":
-        raise BackendUnavailable("backend openvino runs fp32 or bf16; int8 is an onnxruntime option")
+    cache_dir = export_dir / "openvino-cache"
+    if precision in ("auto", "int8"):
+        model = _openvino_int8(export_dir, family, image_dir, required=precision == "int8", log=log)
+        if model is not None:
+            return OpenVinoEncoder(model, info, precision="int8", cache_dir=cache_dir, workload=workload, **extra)
     if precision == "auto":
         precision = "bf16" if cpu_supports_bf16() else "fp32"
     if precision == "bf16" and not cpu_supports_bf16():
         raise BackendUnavailable("precision bf16: this CPU has no native bfloat16 arithmetic")
     return OpenVinoEncoder(
-        export_dir / FP32_ONNX, info, precision=precision, cache_dir=export_dir / "openvino-cache", **extra
+        export_dir / FP32_ONNX, info, precision=precision, cache_dir=cache_dir, workload=workload, **extra
+    )
+
+
+def _openvino_int8(export_dir: Path, family: str, image_dir: Path | None, *, required: bool, log) -> Path | None:
+    """The export's calibrated INT8 OpenVINO model (CNNs), made on first use from `image_dir`."""
+    from fastret.export.quantize import (
+        OPENVINO_INT8_DIR,
+        OPENVINO_INT8_FAMILIES,
+        OPENVINO_INT8_XML,
+        export_openvino_int8,
+    )
+
+    if family not in OPENVINO_INT8_FAMILIES:
+        if required:
+            raise BackendUnavailable(
+                f"backend openvino runs int8 for {', '.join(OPENVINO_INT8_FAMILIES)} models; for {family} "
+                "use --backend onnxruntime --precision int8"
+            )
+        return None
+    return _derived_model(
+        export_dir / OPENVINO_INT8_DIR / OPENVINO_INT8_XML,
+        lambda: export_openvino_int8(export_dir, image_dir, log=log)[0],
+        required=required,
+        fallback=f"OpenVINO {'bf16' if cpu_supports_bf16() else 'fp32'} instead of int8",
+        log=log,
     )
 
 
 def _int8_onnx(export_dir: Path, family: str, image_dir: Path | None, *, required: bool, log) -> Path | None:
     """The export's dynamic-INT8 ONNX (transformer models), written on first use; None when not offered."""
-    from fastret.export.quantize import INT8_FAMILIES, INT8_ONNX, export_int8
+    from fastret.export.quantize import INT8_FAMILIES, INT8_ONNX, OPENVINO_INT8_FAMILIES, export_int8
 
     if family not in INT8_FAMILIES:
         if required:
-            raise BackendUnavailable(f"precision int8 is offered for {', '.join(INT8_FAMILIES)} models only")
+            where = "runs on the openvino backend" if family in OPENVINO_INT8_FAMILIES else "is not offered"
+            raise BackendUnavailable(f"precision int8 for {family} models {where}")
         return None
-    return _derived_onnx(
+    return _derived_model(
         export_dir / INT8_ONNX,
         lambda: export_int8(export_dir, image_dir=image_dir, log=log)[0],
         required=required,
@@ -140,9 +189,9 @@ def _int8_onnx(export_dir: Path, family: str, image_dir: Path | None, *, require
     )
 
 
-def _derived_onnx(path: Path, make: Callable[[], Path], *, required: bool, fallback: str, log) -> Path | None:
+def _derived_model(path: Path, make: Callable[[], Path], *, required: bool, fallback: str, log) -> Path | None:
     """A variant of the fp32 ONNX (fp16, int8), made on first use; None, and the fp32 ONNX stays, when
-    the variant fails its parity check (an error instead when the user asked for it explicitly)."""
+    the variant cannot be made or fails its parity check (an error when the user asked for it)."""
     if path.is_file():
         return path
     try:
@@ -183,7 +232,7 @@ def _fp16_onnx(export_dir: Path, image_dir: Path | None, log) -> Path | None:
     """The export's FP16 ONNX, written on first use; None (fp32 stays) when it fails its parity check."""
     from fastret.export.fp16 import export_fp16
 
-    return _derived_onnx(
+    return _derived_model(
         export_dir / FP16_ONNX,
         lambda: export_fp16(export_dir, image_dir=image_dir, log=log)[0],
         required=False,
@@ -199,18 +248,33 @@ def open_encoder(
     threads: int | None = None,
     image_dir: Path | None = None,
     precision: str = "auto",
+    workload: str = "latency",
     log=print,
 ) -> Encoder:
     """Resolve a model name (see fastret.export.models), say what was chosen, open the runtime."""
     source, why = resolve_model(model)
     log(f"model: {source.model_id} ({why})")
-    return encoder_for_source(source, backend, threads=threads, image_dir=image_dir, precision=precision, log=log)
+    return encoder_for_source(
+        source, backend, threads=threads, image_dir=image_dir, precision=precision, workload=workload, log=log
+    )
 
 
 def encoder_for_index(
-    info: ModelInfo, backend: str = "auto", *, threads: int | None = None, precision: str = "auto", log=print
+    info: ModelInfo,
+    backend: str = "auto",
+    *,
+    threads: int | None = None,
+    precision: str = "auto",
+    workload: str = "latency",
+    recorded: dict | None = None,
+    log=print,
 ) -> Encoder:
-    """The encoder an index was built with, refusing weights that changed since."""
+    """The encoder an index was built with, refusing weights that changed since.
+
+    With `backend` and `precision` both auto, the runtime recorded in the index (`recorded`:
+    backend and precision) is tried first, so a query embeds exactly as the gallery did (a gallery
+    image finds itself at cosine 1.0); where it cannot run here, `auto` picks and says so.
+    """
     source, _ = resolve_model(info.model_id)
     if source.weights_sha256 != info.weights_sha256:
         raise BackendUnavailable(
@@ -218,4 +282,12 @@ def encoder_for_index(
             f"but the weights found now hash to {source.weights_sha256[:12]}…; re-index with "
             "`fastret index`"
         )
-    return encoder_for_source(source, backend, threads=threads, precision=precision, log=log)
+    options = {"threads": threads, "workload": workload, "log": log}
+    if backend == precision == "auto" and recorded and recorded.get("backend") in BACKENDS:
+        same = recorded.get("precision") if recorded.get("precision") in PRECISIONS else "auto"
+        try:
+            return encoder_for_source(source, recorded["backend"], precision=same, **options)
+        except BackendUnavailable as exc:
+            log(f"the index was embedded on {recorded['backend']} ({recorded.get('precision')}), not available "
+                f"here ({exc}); queries use the auto runtime, scores may differ slightly")
+    return encoder_for_source(source, backend, precision=precision, **options)

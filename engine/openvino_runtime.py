@@ -2,13 +2,19 @@
 
 OpenVINO compiles the same model.onnx that ONNX Runtime runs. On CPUs with AVX-512 BF16 (or AMX)
 it can run convolutions and matrix products in bfloat16 (`precision="bf16"`); elsewhere, and with
-`precision="fp32"`, it computes in fp32. Compiled blobs are cached beside the export, so a second
-process starts in a fraction of a second.
+`precision="fp32"`, it computes in fp32. `precision="int8"` runs a statically quantised IR (see
+export/quantize.py): integer convolutions, bf16 (or fp32) for the rest. Compiled blobs are cached
+beside the export, so a second process starts in a fraction of a second.
+
+`workload="latency"` gives one request all cores (a lone query finishes soonest); "throughput"
+gives OpenVINO's streams (on 2 cores: two one-thread streams) and one infer request per stream, so
+batch jobs keep several small batches in flight, each in its own core's cache (BENCHMARKS.md,
+"CPU speed": +27% images/s in the pipeline on 2 cores).
 """
 
 from __future__ import annotations
 
-import threading
+import queue
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,7 +22,8 @@ import numpy as np
 
 from fastret.engine.encoders import ModelInfo, default_threads
 
-OPENVINO_PRECISIONS = ("fp32", "bf16")
+OPENVINO_PRECISIONS = ("fp32", "bf16", "int8")
+WORKLOADS = ("latency", "throughput")
 _HINTS = {"fp32": "f32", "bf16": "bf16"}
 
 
@@ -25,7 +32,7 @@ def openvino_missing() -> str | None:
     try:
         import openvino  # noqa: F401
     except ImportError:
-        return "the openvino package is not installed (pip install 'fastret[openvino]')"
+        return "the openvino package is not installed (pip install openvino)"
     return None
 
 
@@ -45,6 +52,7 @@ class OpenVinoEncoder:
     precision: str = "fp32"
     threads: int = field(default_factory=default_threads)
     cache_dir: Path | None = None
+    workload: str = "latency"
     backend: str = "openvino"
 
     def __post_init__(self) -> None:
@@ -52,21 +60,30 @@ class OpenVinoEncoder:
 
         if self.precision not in OPENVINO_PRECISIONS:
             raise ValueError(f"openvino precision must be one of {OPENVINO_PRECISIONS}, not {self.precision!r}")
+        if self.workload not in WORKLOADS:
+            raise ValueError(f"openvino workload must be one of {WORKLOADS}, not {self.workload!r}")
         core = ov.Core()
         if self.cache_dir is not None:
             core.set_property({"CACHE_DIR": str(self.cache_dir)})
+        rest = "bf16" if self.precision == "bf16" or (self.precision == "int8" and cpu_supports_bf16()) else "fp32"
         config = {
-            "INFERENCE_PRECISION_HINT": _HINTS[self.precision],
-            "PERFORMANCE_HINT": "LATENCY",
+            "INFERENCE_PRECISION_HINT": _HINTS[rest],
+            "PERFORMANCE_HINT": self.workload.upper(),
             "INFERENCE_NUM_THREADS": self.threads,
         }
         self.compiled = core.compile_model(str(self.path), "CPU", config)
-        self.request = self.compiled.create_infer_request()
-        self.lock = threading.Lock()  # one infer request: callers from several threads take turns
+        self.parallel_requests = max(1, int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
+        # Each encode() borrows an idle request: up to parallel_requests callers run at once.
+        self.requests: queue.SimpleQueue = queue.SimpleQueue()
+        for _ in range(self.parallel_requests):
+            self.requests.put(self.compiled.create_infer_request())
 
     def encode(self, pixels: np.ndarray) -> np.ndarray:
-        with self.lock:
-            out = self.request.infer({0: np.ascontiguousarray(pixels)})[0]
+        request = self.requests.get()
+        try:
+            out = request.infer({0: np.ascontiguousarray(pixels)})[0]
             embeddings = np.array(out, dtype=np.float32, copy=True)
+        finally:
+            self.requests.put(request)
         # bf16 arithmetic leaves the in-graph L2 normalisation slightly off unit length.
         return embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)

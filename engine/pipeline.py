@@ -1,8 +1,9 @@
 """Files -> decoded batches -> embeddings, with decoding pipelined against the encoder.
 
 Decoder threads (Pillow releases the GIL while decoding and resampling) fill fixed-size batches
-while the main thread encodes the previous ones. A bad file is skipped with a reason naming it;
-it never stops the job.
+while the encoder works on the previous ones: one batch at a time, or as many at once as the
+encoder has parallel requests (OpenVINO's throughput streams). A bad file is skipped with a reason
+naming it; it never stops the job.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import sys
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -20,8 +21,10 @@ import numpy as np
 from fastret.engine.decode import DEFAULT_MAX_PIXELS, ImageError, Preprocessing, load_pixels
 from fastret.engine.encoders import Encoder, default_threads
 
-DEFAULT_BATCH_SIZE = 16
-"""Measured best on 2 cores with OpenVINO (BENCHMARKS.md, "CPU speed"); GPUs want 64-256."""
+DEFAULT_BATCH_SIZE = 4
+"""Measured best on 2 cores (BENCHMARKS.md, "CPU speed"): with OpenVINO's two streams, two batches
+of 4 in flight beat batch 16 by 5-15%; CLIP on ONNX Runtime INT8 is as fast at 4 as at 16.
+GPUs want 64-256 (--batch-size)."""
 DEFAULT_WORKERS = max(1, default_threads() // 4)
 """Decoding is ~10% of a CPU encoder's work: one decoder thread per 4 cores keeps it ahead."""
 
@@ -106,6 +109,11 @@ def decoded_batches(
                 pending.append(pool.submit(decode_batch, next_chunk, spec, draft=draft))
 
 
+def _timed_encode(encoder: Encoder, pixels: np.ndarray) -> tuple[np.ndarray, float]:
+    started = time.perf_counter()
+    return encoder.encode(pixels), time.perf_counter() - started
+
+
 def _progress(total: int, enabled: bool):
     from tqdm import tqdm
 
@@ -122,14 +130,30 @@ def embed_files(
     progress: bool = False,
     on_skip: Callable[[Skipped], None] | None = None,
 ) -> EmbedResult:
-    """Embed every file that decodes; report the others through `on_skip` as they happen."""
+    """Embed every file that decodes; report the others through `on_skip` as they happen.
+
+    Batches go to the encoder from `encoder.parallel_requests` threads (1 when it has none), in
+    order; `encode` in the stage times is the sum of encoder calls, which overlap when parallel.
+    """
     spec = encoder.info.preprocessing
     started = time.perf_counter()
     kept: list[Path] = []
     parts: list[np.ndarray] = []
     skipped: list[Skipped] = []
     decode_s = encode_s = 0.0
-    with _progress(len(paths), progress) as bar:
+    slots = max(1, int(getattr(encoder, "parallel_requests", 1)))
+    in_flight: deque[tuple[list[Path], Future]] = deque()
+    with _progress(len(paths), progress) as bar, ThreadPoolExecutor(slots, thread_name_prefix="fastret-encode") as pool:
+
+        def collect() -> None:
+            nonlocal encode_s
+            batch_paths, future = in_flight.popleft()
+            embeddings, seconds = future.result()
+            parts.append(embeddings)
+            kept.extend(batch_paths)
+            encode_s += seconds
+            bar.update(len(batch_paths))
+
         for batch in decoded_batches(paths, spec, batch_size=batch_size, workers=workers, draft=draft):
             decode_s += batch.seconds
             for skip in batch.skipped:
@@ -137,12 +161,13 @@ def embed_files(
                 if on_skip is not None:
                     bar.clear()
                     on_skip(skip)
+            bar.update(len(batch.skipped))
             if len(batch.paths):
-                t0 = time.perf_counter()
-                parts.append(encoder.encode(batch.pixels))
-                encode_s += time.perf_counter() - t0
-                kept.extend(batch.paths)
-            bar.update(len(batch.paths) + len(batch.skipped))
+                in_flight.append((batch.paths, pool.submit(_timed_encode, encoder, batch.pixels)))
+            while len(in_flight) >= slots:
+                collect()
+        while in_flight:
+            collect()
     embeddings = np.concatenate(parts) if parts else np.empty((0, encoder.info.dim), np.float32)
     return EmbedResult(
         paths=kept,

@@ -37,7 +37,8 @@ def build_index(
     )
     items = [Item(path=p.relative_to(root).as_posix(), label=p.parent.name) for p in result.paths]
     started = time.perf_counter()
-    index = Index(encoder.info, str(root), items, result.embeddings, hnsw_params)
+    runtime = {"backend": encoder.backend, "precision": getattr(encoder, "precision", "fp32")}
+    index = Index(encoder.info, str(root), items, result.embeddings, hnsw_params, runtime=runtime)
     index.hnsw = build_hnsw(result.embeddings, hnsw_params)
     result.stage_seconds["hnsw_build"] = round(time.perf_counter() - started, 4)
     return index, result

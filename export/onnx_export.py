@@ -51,19 +51,21 @@ class Parity:
     min_cosine: float
     images: int
     source: str  # where the parity images came from
+    mean_cosine: float = 1.0
 
     def to_dict(self) -> dict:
         return {
             "max_abs_diff": self.max_abs_diff,
             "min_cosine": self.min_cosine,
+            "mean_cosine": self.mean_cosine,
             "images": self.images,
             "source": self.source,
         }
 
     def line(self, label: str) -> str:
         return (
-            f"{label}: max abs diff {self.max_abs_diff:.2e}, min cosine {self.min_cosine:.6f} "
-            f"over {self.images} images ({self.source})"
+            f"{label}: max abs diff {self.max_abs_diff:.2e}, min cosine {self.min_cosine:.6f}, "
+            f"mean {self.mean_cosine:.6f} over {self.images} images ({self.source})"
         )
 
 
@@ -79,6 +81,7 @@ def compare_embeddings(reference: np.ndarray, candidate: np.ndarray, source: str
         min_cosine=float(cosines.min()),
         images=len(ref),
         source=source,
+        mean_cosine=float(cosines.mean()),
     )
 
 

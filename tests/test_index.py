@@ -67,6 +67,14 @@ def test_round_trip_keeps_items_embeddings_and_results(tmp_path):
         np.testing.assert_allclose(loaded_scores, scores, atol=1e-6)
 
 
+def test_the_embedding_runtime_is_recorded_and_optional(tmp_path):
+    runtime = {"backend": "openvino", "precision": "int8"}
+    replace(make_index(), runtime=runtime).save(tmp_path / "idx")
+    assert Index.load(tmp_path / "idx").runtime == runtime
+    rewrite_manifest(tmp_path / "idx", lambda manifest: manifest.pop("runtime"))  # an index from before
+    assert Index.load(tmp_path / "idx").runtime is None
+
+
 def test_saving_again_replaces_the_version_and_removes_the_old_one(tmp_path):
     make_index(seed=0).save(tmp_path / "idx")
     second = make_index(count=30, seed=3)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,6 +81,41 @@ def test_embed_files_keeps_order_and_reports_skips(tmp_path, bad_images, workers
     one_by_one = np.concatenate([encoder.encode(load_pixels(p, SPEC)[None]) for p in good])
     np.testing.assert_allclose(result.embeddings, one_by_one, atol=1e-6)
     assert set(result.stage_seconds) >= {"decode_worker", "encode", "total"}
+
+
+@dataclass
+class ConcurrentEncoder(ProjectionEncoder):
+    """Serves up to `parallel_requests` calls at once; early calls are the slowest, so later batches
+    finish first: the pipeline must still return embeddings in input order."""
+
+    parallel_requests: int = 3
+    active: int = 0
+    most_active: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def encode(self, pixels: np.ndarray) -> np.ndarray:
+        with self.lock:
+            self.active += 1
+            self.most_active = max(self.most_active, self.active)
+            delay = max(0.0, 0.03 - 0.005 * len(self.calls))
+        time.sleep(delay)
+        out = super().encode(pixels)
+        with self.lock:
+            self.active -= 1
+        return out
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_parallel_encoder_requests_keep_input_order(tmp_path, bad_images, workers):
+    good = write_images(tmp_path, 11)
+    mixed = good[:4] + [bad_images["truncated.jpg"][0]] + good[4:]
+    encoder = ConcurrentEncoder()
+    result = embed_files(mixed, encoder, batch_size=2, workers=workers)
+    assert result.paths == good and [s.path for s in result.skipped] == [bad_images["truncated.jpg"][0]]
+    reference = ProjectionEncoder()
+    one_by_one = np.concatenate([reference.encode(load_pixels(p, SPEC)[None]) for p in good])
+    np.testing.assert_allclose(result.embeddings, one_by_one, atol=1e-6)
+    assert 1 < encoder.most_active <= encoder.parallel_requests
 
 
 def test_nothing_to_embed_gives_an_empty_matrix(tmp_path, bad_images):

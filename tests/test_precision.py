@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 
+from fastret.engine.decode import list_images, load_pixels
 from fastret.engine.load import BackendUnavailable, encoder_for_source
 from fastret.engine.openvino_runtime import cpu_supports_bf16, openvino_missing
+from fastret.export import quantize
 from fastret.export.models import resolve_model
-from fastret.export.onnx_export import parity_pixels
+from fastret.export.onnx_export import export_dir_for, parity_pixels, read_metadata
+from fastret.export.quantize import CALIBRATION_IMAGES, OPENVINO_INT8_DIR, OPENVINO_INT8_MIN_MEAN_COSINE
 
 pytestmark = pytest.mark.skipif(openvino_missing() is not None, reason=str(openvino_missing()))
 
@@ -25,8 +31,8 @@ def embed_both(reference, candidate, spec):
     return reference.encode(pixels), candidate.encode(pixels)
 
 
-def test_auto_on_cpu_is_openvino(bundled_source):
-    encoder = encoder_for_source(bundled_source, "auto", **QUIET)
+def test_auto_on_cpu_is_openvino(private_cache, bundled_source):
+    encoder = encoder_for_source(bundled_source, "auto", **QUIET)  # no INT8 calibrated in this cache
     assert encoder.backend == "openvino"
     assert encoder.precision == ("bf16" if cpu_supports_bf16() else "fp32")
 
@@ -39,6 +45,22 @@ def test_openvino_fp32_matches_onnxruntime(bundled_source, bundled_onnx):
     assert (a * b).sum(1).min() >= 0.9999
 
 
+def test_openvino_throughput_workload_serves_concurrent_batches(bundled_source, bundled_onnx):
+    from concurrent.futures import ThreadPoolExecutor
+
+    ov = encoder_for_source(bundled_source, "openvino", precision="fp32", workload="throughput", **QUIET)
+    assert ov.parallel_requests >= 1
+    pixels, _ = parity_pixels(bundled_source.preprocessing, None, count=8)
+    with ThreadPoolExecutor(4) as pool:
+        parts = list(pool.map(ov.encode, [pixels[i : i + 2] for i in range(0, 8, 2)]))
+    assert (np.concatenate(parts) * bundled_onnx.encode(pixels)).sum(1).min() >= 0.9999
+
+
+def test_openvino_refuses_an_unknown_workload(bundled_source):
+    with pytest.raises(ValueError, match="workload must be one of"):
+        encoder_for_source(bundled_source, "openvino", precision="fp32", workload="fast", **QUIET)
+
+
 @pytest.mark.skipif(not cpu_supports_bf16(), reason="this CPU has no native bfloat16")
 def test_openvino_bf16_stays_close(bundled_source, bundled_onnx):
     ov = encoder_for_source(bundled_source, "openvino", precision="bf16", **QUIET)
@@ -48,9 +70,97 @@ def test_openvino_bf16_stays_close(bundled_source, bundled_onnx):
     assert (a * b).sum(1).min() >= 0.95
 
 
-def test_int8_is_refused_for_the_cnn(bundled_source):
-    with pytest.raises(BackendUnavailable, match="int8 is offered for clip"):
+def test_cnn_int8_is_an_openvino_precision(bundled_source):
+    with pytest.raises(BackendUnavailable, match="int8 for efficientnet-lite models runs on the openvino backend"):
         encoder_for_source(bundled_source, "onnxruntime", precision="int8", **QUIET)
+
+
+@pytest.fixture
+def private_cache(bundled_source, bundled_onnx, tmp_path, monkeypatch) -> Path:
+    """A cache holding a copy of the bundled fp32 export only: an INT8 model made here stays here."""
+    shared = export_dir_for(bundled_source)
+    monkeypatch.setenv("FASTRET_CACHE", str(tmp_path))
+    private = export_dir_for(bundled_source)
+    private.mkdir(parents=True)
+    for name in ("model.onnx", "metadata.json"):
+        shutil.copy(shared / name, private / name)
+    return private
+
+
+def held_out_pixels(folder: Path, spec, count: int = 20) -> np.ndarray:
+    """Images the calibration (every k-th file from the first) does not see."""
+    return np.stack([load_pixels(path, spec) for path in list_images(folder)[5::50][:count]])
+
+
+def test_auto_calibrates_cnn_int8_on_the_indexed_folder(private_cache, bundled_source, bundled_onnx, wang1k):
+    encoder = encoder_for_source(bundled_source, "auto", image_dir=wang1k, workload="throughput", **QUIET)
+    assert (encoder.backend, encoder.precision) == ("openvino", "int8")
+    recorded = read_metadata(private_cache)["artefacts"][OPENVINO_INT8_DIR]
+    assert recorded["calibration"] == {"images": CALIBRATION_IMAGES, "folder": str(wang1k)}
+    pixels = held_out_pixels(wang1k, bundled_source.preprocessing)
+    cosines = (encoder.encode(pixels) * bundled_onnx.encode(pixels)).sum(1)
+    # Measured on wang1k / animals10-mini: mean 0.987-0.993, min 0.88-0.97; P@10 within 0.0015 of fp32.
+    assert cosines.mean() >= OPENVINO_INT8_MIN_MEAN_COSINE and cosines.min() >= 0.85
+    later = encoder_for_source(bundled_source, "auto", **QUIET)  # a later process, no folder: reuses it
+    assert later.precision == "int8"
+
+
+@pytest.mark.parametrize(
+    "recorded, backend, precision",
+    [
+        ({"backend": "onnxruntime", "precision": "fp32"}, "onnxruntime", "fp32"),
+        ({"backend": "openvino", "precision": "fp32"}, "openvino", "fp32"),
+        (None, "openvino", None),
+    ],
+)
+def test_queries_embed_on_the_runtime_the_index_recorded(private_cache, bundled_source, recorded, backend, precision):
+    from fastret.engine.load import encoder_for_index, model_info
+
+    encoder = encoder_for_index(model_info(bundled_source), recorded=recorded, **QUIET)
+    assert encoder.backend == backend and encoder.precision == (precision or encoder.precision)
+
+
+def test_an_unavailable_recorded_runtime_falls_back_and_says_so(private_cache, bundled_source):
+    from fastret.engine.load import encoder_for_index, model_info
+
+    said: list[str] = []
+    recorded = {"backend": "tensorrt", "precision": "fp16"}
+    encoder = encoder_for_index(model_info(bundled_source), recorded=recorded, log=said.append)
+    assert encoder.backend == "openvino"
+    assert any("embedded on tensorrt (fp16), not available here" in line for line in said)
+
+
+def test_cnn_int8_without_calibration_images(private_cache, bundled_source):
+    said: list[str] = []
+    encoder = encoder_for_source(bundled_source, "auto", log=said.append)
+    assert encoder.backend == "openvino" and encoder.precision in ("bf16", "fp32")
+    assert any("instead of int8" in line and "calibration images" in line for line in said)
+    with pytest.raises(BackendUnavailable, match="needs calibration images"):
+        encoder_for_source(bundled_source, "openvino", precision="int8", **QUIET)
+    assert not (private_cache / OPENVINO_INT8_DIR).exists()
+
+
+def test_cnn_int8_failing_parity_leaves_nothing(private_cache, wang1k, monkeypatch):
+    monkeypatch.setattr(quantize, "OPENVINO_INT8_MIN_MEAN_COSINE", 1.01)
+    with pytest.raises(ValueError, match="mean cosine .* < 1.01; not kept"):
+        quantize.export_openvino_int8(private_cache, wang1k, count=8, minimum=8, log=lambda _: None)
+    assert sorted(p.name for p in private_cache.iterdir()) == ["metadata.json", "model.onnx"]
+    assert OPENVINO_INT8_DIR not in read_metadata(private_cache).get("artefacts", {})
+
+
+def test_cnn_int8_refuses_a_small_calibration_folder(private_cache, bundled_source, wang1k, tmp_path):
+    few = tmp_path / "few"
+    few.mkdir()
+    for path in list_images(wang1k)[:10]:
+        shutil.copy(path, few / path.name)
+    with pytest.raises(BackendUnavailable, match="needs 64 images to calibrate on; .* has 10"):
+        encoder_for_source(bundled_source, "openvino", precision="int8", image_dir=few, **QUIET)
+    assert not (private_cache / OPENVINO_INT8_DIR).exists()
+
+
+def test_static_int8_is_refused_for_clip(tiny_clip, wang1k):
+    with pytest.raises(BackendUnavailable, match="use --backend onnxruntime --precision int8"):
+        encoder_for_source(tiny_clip, "openvino", precision="int8", image_dir=wang1k, **QUIET)
 
 
 def test_bf16_needs_openvino(bundled_source):
