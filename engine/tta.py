@@ -49,11 +49,13 @@ class FlipAveragedEncoder:
     info: ModelInfo = field(init=False)
     backend: str = field(init=False)
     precision: str = field(init=False)
+    parallel_requests: int = field(init=False)
 
     def __post_init__(self) -> None:
         self.info = self.inner.info
         self.backend = f"{self.inner.backend}+flip"
         self.precision = getattr(self.inner, "precision", "fp32")
+        self.parallel_requests = getattr(self.inner, "parallel_requests", 1)
 
     def encode(self, pixels: np.ndarray) -> np.ndarray:
         return flip_averaged(self.inner, pixels)

@@ -56,6 +56,13 @@ def test_openvino_throughput_workload_serves_concurrent_batches(bundled_source, 
     assert (np.concatenate(parts) * bundled_onnx.encode(pixels)).sum(1).min() >= 0.9999
 
 
+def test_openvino_latency_single_images_match_batches(bundled_source):
+    ov = encoder_for_source(bundled_source, "openvino", workload="latency", **QUIET)
+    pixels, _ = parity_pixels(bundled_source.preprocessing, None, count=4)
+    one_by_one = np.concatenate([ov.encode(pixels[i : i + 1]) for i in range(4)])  # the batch-1 static model
+    assert (one_by_one * ov.encode(pixels)).sum(1).min() >= 0.999  # the dynamic-batch model
+
+
 def test_openvino_refuses_an_unknown_workload(bundled_source):
     with pytest.raises(ValueError, match="workload must be one of"):
         encoder_for_source(bundled_source, "openvino", precision="fp32", workload="fast", **QUIET)

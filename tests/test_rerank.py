@@ -70,6 +70,7 @@ def test_flip_averaged_is_the_normalised_mean_of_both_views():
     np.testing.assert_allclose(flip_averaged(encoder, left_lit_image()), [[2**-0.5, 2**-0.5]], rtol=1e-6)
     wrapped = FlipAveragedEncoder(encoder)
     assert wrapped.backend == "fake+flip" and wrapped.info is encoder.info
+    assert wrapped.parallel_requests == 1  # the wrapped encoder's: it has none, so one at a time
     np.testing.assert_allclose(wrapped.encode(left_lit_image()), [[2**-0.5, 2**-0.5]], rtol=1e-6)
 
 
