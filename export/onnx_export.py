@@ -17,7 +17,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import numpy as np
 
@@ -96,17 +96,23 @@ def export_dir_for(source: ModelSource, root: Path | None = None) -> Path:
     return (root or cache_root()) / "models" / f"{slug}-{source.weights_sha256[:16]}"
 
 
+def decodable_crops(paths: Iterable[Path], spec: Preprocessing, count: int) -> list[np.ndarray]:
+    """Model-ready crops of the first `count` of `paths` that decode; the others are passed over."""
+    crops: list[np.ndarray] = []
+    for path in paths:
+        try:
+            crops.append(load_pixels(path, spec))
+        except ImageError:
+            continue
+        if len(crops) == count:
+            break
+    return crops
+
+
 def parity_pixels(spec: Preprocessing, image_dir: Path | None, count: int = PARITY_IMAGES) -> tuple[np.ndarray, str]:
     """Real images for parity checks when a folder is given, else seeded synthetic photos-like noise."""
     if image_dir is not None:
-        crops = []
-        for path in list_images(image_dir):
-            try:
-                crops.append(load_pixels(path, spec))
-            except ImageError:
-                continue
-            if len(crops) == count:
-                break
+        crops = decodable_crops(list_images(image_dir), spec, count)
         if crops:
             return np.stack(crops), f"real images from {image_dir}"
     rng = np.random.default_rng(0)

@@ -21,12 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
-from fastret.engine.decode import ImageError, Preprocessing, list_images, load_pixels
+from fastret.engine.decode import Preprocessing, list_images
 from fastret.export.onnx_export import (
     FP32_ONNX,
     Parity,
     add_artefact,
     compare_embeddings,
+    decodable_crops,
     derive_onnx,
     onnx_embed,
     parity_pixels,
@@ -87,15 +88,7 @@ def calibration_pixels(
 ) -> np.ndarray:
     """Up to `count` decodable images spread evenly over the folder (every class, not the first)."""
     paths = list_images(image_dir)
-    step = max(1, len(paths) // count)
-    crops = []
-    for path in paths[::step]:
-        try:
-            crops.append(load_pixels(path, spec))
-        except ImageError:
-            continue
-        if len(crops) == count:
-            break
+    crops = decodable_crops(paths[:: max(1, len(paths) // count)], spec, count)
     if len(crops) < minimum:
         raise ValueError(f"static INT8 needs {minimum} images to calibrate on; {image_dir} has {len(crops)}")
     return np.stack(crops)
