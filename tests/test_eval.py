@@ -198,3 +198,12 @@ def test_eval_cli_split_and_saved_index_with_a_tiny_model(tiny_source, tiny_clip
 
     assert main(["eval", "--db", str(tmp_path), "--leave-one-out", "--index", str(tmp_path / "index")]) == 2
     assert "the index was built from" in capsys.readouterr().err
+
+
+def test_a_benchmark_side_reports_its_own_peak_memory_not_its_parents():
+    """Regression: ru_maxrss survives fork + exec, so ta_speed's fastret side reported the 750 MiB
+    its parent held after INT8 calibration; peak_rss_mib reads the process's own high-water mark."""
+    held = np.ones(400 * 2**20 // 8)  # 400 MiB resident in this (parent) process
+    code = f"import sys; sys.path.insert(0, {str(REPO / 'benchmarks')!r}); from common import peak_rss_mib; print(peak_rss_mib())"
+    child_peak = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert held.sum() > 0 and 0 < child_peak < 300
