@@ -6,8 +6,8 @@
 * CNNs (EfficientNet-Lite): static INT8 OpenVINO IR from NNCF post-training quantisation,
   calibrated on the images being indexed (never queries). NNCF keeps the depthwise convolutions in
   floating point and quantises the pointwise ones per channel: P@10 moves by at most -0.0015 for
-  +24-42% images/s over bf16 in the pipeline (BENCHMARKS.md, "CPU speed"). Static INT8 of the same graph through
-  ONNX Runtime's QDQ quantiser was both less accurate and slower, and is not offered.
+  +24-42% images/s over bf16 in the pipeline (BENCHMARKS.md, "CPU speed"). Static INT8 of the
+  same graph through ONNX Runtime's QDQ quantiser was both less accurate and slower: not offered.
 """
 
 from __future__ import annotations
