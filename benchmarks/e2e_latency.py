@@ -98,6 +98,30 @@ def baseline_side(model: str, db: Path, queries: list[Path], warmup: int) -> dic
             **time_queries(answer, queries, warmup)}
 
 
+def measure(backends: list[str], model: str, db: Path, queries: list[Path], warmup: int) -> list[dict]:
+    """One row per available fastret runtime, each measured in turn, then the baseline's row."""
+    rows = []
+    for backend in backends:
+        try:
+            rows.append(fastret_side(backend, model, db, queries, warmup))
+        except BackendUnavailable as exc:
+            print(f"{backend}: unavailable ({exc})")
+            continue
+        print(f"{rows[-1]['runtime']}: {rows[-1]['total_ms']}", flush=True)
+    rows.append(baseline_side(model, db, queries, warmup))
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    baseline_p50 = rows[-1]["total_ms"]["p50"]
+    print(table(
+        ["runtime", "db img/s", "p50 ms", "p95 ms", "p99 ms", "decode ms", "encode ms", "search ms", "p50 speed-up"],
+        [[r["runtime"], r["db_images_per_s"], r["total_ms"]["p50"], r["total_ms"]["p95"], r["total_ms"]["p99"],
+          r["stage_median_ms"]["read_decode_preprocess"], r["stage_median_ms"]["encode"], r["stage_median_ms"]["search"],
+          round(baseline_p50 / r["total_ms"]["p50"], 2)] for r in rows],
+    ))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--db", type=Path, default=Path("../shared/data/wang1k"))
@@ -107,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--model", default="efficientnet-lite2", help="efficientnet-lite2 or clip-random")
     parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
+    parser.add_argument("--repeats", type=int, default=1, help="whole measurements, one after another")
     parser.add_argument("--out", type=Path, default=OUT / "e2e_latency")
     args = parser.parse_args(argv)
 
@@ -114,25 +139,20 @@ def main(argv: list[str] | None = None) -> int:
     queries = spread(list_images(args.queries), args.n_queries)
     print(f"{len(list_images(db))} database images from {args.db}, {len(queries)} queries from {args.queries}, "
           f"model {model_label(args.model)}", flush=True)
-    rows = []
-    for backend in args.backends:
-        try:
-            rows.append(fastret_side(backend, args.model, db, queries, args.warmup))
-        except BackendUnavailable as exc:
-            print(f"{backend}: unavailable ({exc})")
-            continue
-        print(f"{rows[-1]['runtime']}: {rows[-1]['total_ms']}", flush=True)
-    rows.append(baseline_side(args.model, db, queries, args.warmup))
-    baseline_p50 = rows[-1]["total_ms"]["p50"]
-    print(table(
-        ["runtime", "db img/s", "p50 ms", "p95 ms", "p99 ms", "decode ms", "encode ms", "search ms", "p50 speed-up"],
-        [[r["runtime"], r["db_images_per_s"], r["total_ms"]["p50"], r["total_ms"]["p95"], r["total_ms"]["p99"],
-          r["stage_median_ms"]["read_decode_preprocess"], r["stage_median_ms"]["encode"], r["stage_median_ms"]["search"],
-          round(baseline_p50 / r["total_ms"]["p50"], 2)] for r in rows],
-    ))
+    runs = []
+    for repeat in range(args.repeats):  # the baseline's own latency moves between runs: repeat the whole
+        rows = measure(args.backends, args.model, db, queries, args.warmup)
+        print(f"run {repeat + 1} of {args.repeats}")
+        print_table(rows)
+        runs.append(rows)
+    if args.repeats > 1:
+        for i, row in enumerate(runs[0][:-1]):
+            ratios = [run[-1]["total_ms"]["p50"] / run[i]["total_ms"]["p50"] for run in runs]
+            print(f"{row['runtime']}: p50 speed-up per run {', '.join(f'{r:.2f}' for r in ratios)}, "
+                  f"median {float(np.median(ratios)):.2f}")
     write_json(args.out / "e2e_latency.json", {"command": " ".join(sys.argv), "model": model_label(args.model),
                                                "machine": machine(), "db": str(args.db), "db_images": args.db_limit,
-                                               "results": rows})
+                                               "results": runs[-1], "runs": runs})
     print(f"-> {args.out / 'e2e_latency.json'}")
     return 0
 
