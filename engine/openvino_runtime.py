@@ -14,6 +14,7 @@ batch jobs keep several small batches in flight, each in its own core's cache (B
 
 from __future__ import annotations
 
+import functools
 import queue
 import threading
 from dataclasses import dataclass, field
@@ -37,8 +38,10 @@ def openvino_missing() -> str | None:
     return None
 
 
+@functools.cache
 def cpu_supports_bf16() -> bool:
-    """Does OpenVINO report native bfloat16 arithmetic on this CPU?"""
+    """Does OpenVINO report native bfloat16 arithmetic on this CPU? (Asked once: opening an encoder
+    consults it up to four times, each a new ov.Core.)"""
     import openvino as ov
 
     return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
