@@ -149,8 +149,9 @@ def export_openvino_int8(
                 f"OpenVINO int8 mean cosine {parity.mean_cosine:.5f} < {OPENVINO_INT8_MIN_MEAN_COSINE}; not kept"
             )
         target = export_dir / OPENVINO_INT8_DIR
-        if not target.exists():  # another process may have calibrated meanwhile: keep its model
-            os.replace(staging, target)
+        if target.exists():  # another process calibrated meanwhile: keep its model and its record
+            return target / OPENVINO_INT8_XML, parity
+        os.replace(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     add_artefact(

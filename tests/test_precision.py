@@ -155,6 +155,16 @@ def test_cnn_int8_failing_parity_leaves_nothing(private_cache, wang1k, monkeypat
     assert OPENVINO_INT8_DIR not in read_metadata(private_cache).get("artefacts", {})
 
 
+def test_cnn_int8_made_meanwhile_by_another_process_is_kept_with_its_record(private_cache, wang1k):
+    theirs = private_cache / OPENVINO_INT8_DIR
+    theirs.mkdir()
+    (theirs / "model.xml").write_text("their model")  # appears while this process calibrates
+    path, _ = quantize.export_openvino_int8(private_cache, wang1k, count=64, log=lambda _: None)
+    assert path == theirs / "model.xml" and path.read_text() == "their model"
+    assert OPENVINO_INT8_DIR not in read_metadata(private_cache).get("artefacts", {})  # theirs to write
+    assert sorted(p.name for p in private_cache.iterdir()) == ["metadata.json", "model.onnx", OPENVINO_INT8_DIR]
+
+
 def test_cnn_int8_refuses_a_small_calibration_folder(private_cache, bundled_source, wang1k, tmp_path):
     few = tmp_path / "few"
     few.mkdir()
