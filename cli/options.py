@@ -15,6 +15,7 @@ def add_runtime_options(parser: argparse.ArgumentParser) -> None:
         default="auto",
         choices=PRECISIONS,
         help="auto (the fastest that passed its parity check here), fp32, bf16 (openvino), int8 "
-        "(efficientnet-lite2 on openvino, calibrated on the indexed folder; CLIP on onnxruntime)",
+        "(efficientnet-lite2 on openvino, calibrated on the indexed folder; CLIP on onnxruntime, or on openvino "
+        "with INT8 weights and --backend openvino)",
     )
     parser.add_argument("--threads", type=int, default=None, help="encoder threads (default: all cores)")

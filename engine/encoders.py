@@ -129,24 +129,32 @@ def ort_tensorrt_options(cache_dir: Path, input_name: str, size: int, batches: t
 
 @dataclass
 class OnnxEncoder:
-    """ONNX Runtime session over an exported model (CPU here; CUDA where onnxruntime-gpu is)."""
+    """ONNX Runtime session over an exported model (CPU here; CUDA where onnxruntime-gpu is).
+
+    `workload="throughput"` on the CPU runs one-thread calls, `parallel_requests` (one per core) at
+    once, for batch jobs: no thread synchronisation inside a call (CLIP's dynamic INT8 at batch 16:
+    65 -> 74 images/s on 2 cores, BENCHMARKS.md "CPU speed"). "latency" gives one call all cores.
+    """
 
     path: Path
     info: ModelInfo
     threads: int = field(default_factory=default_threads)
     providers: list | None = None
     precision: str = "fp32"
+    workload: str = "latency"
     backend: str = "onnxruntime"
 
     def __post_init__(self) -> None:
         import onnxruntime as ort
 
+        self.providers = self.providers or ort_providers()
+        on_cpu = all((p[0] if isinstance(p, tuple) else p) == "CPUExecutionProvider" for p in self.providers)
+        self.parallel_requests = self.threads if self.workload == "throughput" and on_cpu else 1
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = self.threads
+        options.intra_op_num_threads = max(1, self.threads // self.parallel_requests)
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
-        self.providers = self.providers or ort_providers()
         self.session = ort.InferenceSession(str(self.path), options, providers=self.providers)
         self.providers = self.session.get_providers()  # what ONNX Runtime actually enabled
         self.input_name = self.session.get_inputs()[0].name

@@ -88,24 +88,26 @@ def encoder_for_source(
     if precision == "int8" or (precision == "auto" and backend == "onnxruntime" and cpu_only):
         path = _int8_onnx(export_dir, source.family, image_dir, required=precision == "int8", log=log)
         if path is not None:
-            return OnnxEncoder(path, info, providers=["CPUExecutionProvider"], precision="int8", **extra)
-    return _onnx_encoder(export_dir, info, tensorrt_ep=backend == "onnxruntime-trt", image_dir=image_dir, log=log, **extra)
+            return OnnxEncoder(
+                path, info, providers=["CPUExecutionProvider"], precision="int8", workload=workload, **extra
+            )
+    return _onnx_encoder(
+        export_dir, info, tensorrt_ep=backend == "onnxruntime-trt", image_dir=image_dir, log=log, workload=workload, **extra
+    )
 
 
 def _cpu_backend(family: str, precision: str) -> str:
-    """`auto` on a CPU, by measurement (BENCHMARKS.md, "CPU speed"): OpenVINO for the CNN (static
-    INT8 once calibrated, else bf16 where the CPU has it: 1.6x ONNX Runtime fp32), ONNX Runtime
-    where OpenVINO would only run fp32, and for CLIP, whose dynamic INT8 matrix products beat
-    OpenVINO bf16 (1.35x)."""
+    """`auto` on a CPU, by measurement (BENCHMARKS.md, "CPU speed"): for CLIP, ONNX Runtime's
+    dynamic INT8 (as fast as OpenVINO's INT8 weights, starts in a third of the time with half the
+    memory, no NNCF step); for the CNN, OpenVINO's static INT8 once calibrated, else bf16 where the
+    CPU has it (1.6x ONNX Runtime fp32), else ONNX Runtime, where OpenVINO would only run fp32."""
     from fastret.export.quantize import INT8_FAMILIES, OPENVINO_INT8_FAMILIES
 
-    if openvino_missing():
+    if openvino_missing() or (precision in ("auto", "int8") and family in INT8_FAMILIES):
         return "onnxruntime"
-    if family in OPENVINO_INT8_FAMILIES and precision in ("auto", "int8"):
+    if precision in ("auto", "int8") and family in OPENVINO_INT8_FAMILIES:
         return "openvino"
     if precision == "auto":
-        if family in INT8_FAMILIES:
-            return "onnxruntime"
         return "openvino" if cpu_supports_bf16() else "onnxruntime"
     return "openvino" if precision == "bf16" else "onnxruntime"
 
@@ -128,7 +130,7 @@ def _openvino_encoder(
     log,
     **extra,
 ) -> Encoder:
-    """OpenVINO on the CPU: static INT8 where the model has it, else bf16 where the CPU has it, else fp32."""
+    """OpenVINO on the CPU: INT8 where the model has it, else bf16 where the CPU has it, else fp32."""
     missing = openvino_missing()
     if missing:
         raise BackendUnavailable(f"backend openvino: {missing}")
@@ -147,7 +149,7 @@ def _openvino_encoder(
 
 
 def _openvino_int8(export_dir: Path, family: str, image_dir: Path | None, *, required: bool, log) -> Path | None:
-    """The export's calibrated INT8 OpenVINO model (CNNs), made on first use from `image_dir`."""
+    """The export's INT8 OpenVINO model, made on first use (CNNs: calibrated on `image_dir`)."""
     from fastret.export.quantize import (
         OPENVINO_INT8_DIR,
         OPENVINO_INT8_FAMILIES,
@@ -158,8 +160,7 @@ def _openvino_int8(export_dir: Path, family: str, image_dir: Path | None, *, req
     if family not in OPENVINO_INT8_FAMILIES:
         if required:
             raise BackendUnavailable(
-                f"backend openvino runs int8 for {', '.join(OPENVINO_INT8_FAMILIES)} models; for {family} "
-                "use --backend onnxruntime --precision int8"
+                f"backend openvino runs int8 for {', '.join(OPENVINO_INT8_FAMILIES)} models, not {family}"
             )
         return None
     return _derived_model(

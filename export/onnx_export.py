@@ -197,13 +197,15 @@ def export_onnx(
         raise ExportError(f"opset {opset} is too old: fastret needs >= 17")
     out_dir = Path(out_dir) if out_dir is not None else export_dir_for(source)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    from fastret.export.torch_models import exportable  # torch: imported only when exporting
+
     started = time.perf_counter()
     model = load_torch_model(source)
     pixels, pixel_source = parity_pixels(source.preprocessing, image_dir)
     reference = torch_embed(model, pixels)
     staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
     try:
-        _export_graph(model, source.preprocessing, staging / FP32_ONNX, opset)
+        _export_graph(exportable(model), source.preprocessing, staging / FP32_ONNX, opset)
         parity = compare_embeddings(reference, onnx_embed(staging / FP32_ONNX, pixels), pixel_source)
         log(parity.line("ONNX fp32 vs PyTorch"))
         if parity.min_cosine < PARITY_MIN_COSINE or parity.max_abs_diff > PARITY_MAX_ABS:

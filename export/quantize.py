@@ -1,12 +1,17 @@
 """fp32 ONNX -> INT8 models for CPUs, each kept only when its parity against fp32 holds.
 
-* Transformers (CLIP): dynamic INT8 ONNX for ONNX Runtime. Weights are quantised ahead and
-  activations per batch at run time, so no calibration data is needed, and CLIP's embeddings stay
-  within min cosine 0.999 of fp32 while the MatMuls run on VNNI integer units.
+* Transformers (CLIP): INT8 weights, activations quantised per batch at run time, so no
+  calibration data is needed, and the embeddings stay within min cosine 0.999 of fp32 while the
+  matrix products run on VNNI integer units. Two forms, equally fast on our CPU (BENCHMARKS.md,
+  "CPU speed"): a dynamic INT8 ONNX for ONNX Runtime (`auto`'s choice: quicker to start, half the
+  memory), which scales a whole batch's activations together, and an OpenVINO IR whose weights
+  NNCF compresses to INT8, the CPU plugin quantising activations per row in groups, so an image
+  embeds the same alone or in any batch.
 * CNNs (EfficientNet-Lite): static INT8 OpenVINO IR from NNCF post-training quantisation,
-  calibrated on the images being indexed (never queries). NNCF keeps the depthwise convolutions in
-  floating point and quantises the pointwise ones per channel: P@10 moves by at most -0.0015 for
-  +24-42% images/s over bf16 in the pipeline (BENCHMARKS.md, "CPU speed"). Static INT8 of the
+  calibrated on the images being indexed (never queries). The pointwise convolutions run in INT8
+  (weights per channel); OpenVINO's CPU plugin keeps the depthwise ones in bf16 even though NNCF
+  quantises their inputs: P@10 moves by at most -0.0015 for +24-42% images/s over bf16 in the
+  pipeline (BENCHMARKS.md, "CPU speed"). Static INT8 of the
   same graph through ONNX Runtime's QDQ quantiser was both less accurate and slower: not offered.
 """
 
@@ -40,7 +45,11 @@ INT8_FAMILIES = ("clip",)
 
 OPENVINO_INT8_DIR = "openvino-int8"
 OPENVINO_INT8_XML = "model.xml"
-OPENVINO_INT8_FAMILIES = ("efficientnet-lite",)
+OPENVINO_STATIC_INT8_FAMILIES = ("efficientnet-lite",)
+"""Calibrated: weights and activations quantised ahead, from the images being indexed."""
+OPENVINO_WEIGHT_INT8_FAMILIES = ("clip",)
+"""INT8 weights; the CPU plugin quantises activations per batch (no calibration)."""
+OPENVINO_INT8_FAMILIES = OPENVINO_STATIC_INT8_FAMILIES + OPENVINO_WEIGHT_INT8_FAMILIES
 CALIBRATION_IMAGES = 128
 """NNCF's statistics over 128 images: 7 s on 2 cores; 300 gave the same P@10."""
 MIN_CALIBRATION_IMAGES = 64
@@ -95,12 +104,45 @@ def calibration_pixels(
 
 
 def openvino_embed(model_xml: Path, pixels: np.ndarray, batch_size: int = 16) -> np.ndarray:
-    """Embeddings from an OpenVINO IR on the CPU (fp32 for everything not quantised), for parity."""
+    """Embeddings from an INT8 OpenVINO IR on the CPU, compiled as the int8 encoder runs it, for parity."""
     import openvino as ov
 
-    compiled = ov.Core().compile_model(str(model_xml), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    from fastret.engine.encoders import default_threads
+    from fastret.engine.openvino_runtime import compile_config
+
+    config = compile_config("int8", "latency", default_threads())
+    compiled = ov.Core().compile_model(str(model_xml), "CPU", config)
     parts = [np.array(compiled(pixels[i : i + batch_size])[0]) for i in range(0, len(pixels), batch_size)]
     return np.concatenate(parts).astype(np.float32)
+
+
+def _calibrated_int8(model, spec: Preprocessing, image_dir: Path | None, count: int, minimum: int, log):
+    """NNCF static INT8 of an OpenVINO model, calibrated on images spread over `image_dir`."""
+    import nncf
+
+    if image_dir is None:
+        raise ValueError("static INT8 needs calibration images: index a folder first (`fastret index DIR`)")
+    calibration = calibration_pixels(spec, image_dir, count, minimum)
+    log(f"calibrating INT8 on {len(calibration)} images from {image_dir} (once per model)")
+    dataset = nncf.Dataset([calibration[i : i + 1] for i in range(len(calibration))])
+    with contextlib.redirect_stdout(sys.stderr):  # NNCF's progress bar: stdout is for results
+        quantized = nncf.quantize(model, dataset, subset_size=len(calibration))
+    record = {"precision": "int8-static", "calibration": {"images": len(calibration), "folder": str(image_dir)}}
+    return quantized, record
+
+
+def _weight_int8(model, log):
+    """INT8 weights (symmetric, per output channel) for every matrix product; activations stay float
+    in the IR and are quantised per batch by the CPU plugin."""
+    import nncf
+
+    from fastret.engine.openvino_runtime import DYNAMIC_QUANTIZATION_GROUP_SIZE
+
+    log("compressing weights to INT8 (once per model)")
+    with contextlib.redirect_stdout(sys.stderr):
+        compressed = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_SYM)
+    record = {"precision": "int8-weights", "activations": f"dynamic, groups of {DYNAMIC_QUANTIZATION_GROUP_SIZE}"}
+    return compressed, record
 
 
 def export_openvino_int8(
@@ -111,31 +153,28 @@ def export_openvino_int8(
     minimum: int = MIN_CALIBRATION_IMAGES,
     log=print,
 ) -> tuple[Path, Parity]:
-    """Calibrate and write openvino-int8/model.xml (+ .bin) beside model.onnx, if parity holds; record it.
+    """Write openvino-int8/model.xml (+ .bin) beside model.onnx, if parity holds; record it.
 
-    Both files are written into a staging directory that is renamed into place after the check, so
-    an interrupted or failed run never leaves a half-written model that later runs would pick up.
+    CNNs are calibrated on `image_dir` (static INT8, kept at mean cosine >= 0.98); CLIP gets INT8
+    weights (kept at min cosine >= 0.999, as the ONNX Runtime INT8). Both files are written into a
+    staging directory that is renamed into place after the check, so an interrupted or failed run
+    never leaves a half-written model that later runs would pick up.
     """
     metadata = read_metadata(export_dir)
-    if metadata["family"] not in OPENVINO_INT8_FAMILIES:
-        raise ValueError(
-            f"static INT8 is offered for {', '.join(OPENVINO_INT8_FAMILIES)} models, not {metadata['family']}"
-        )
+    family = metadata["family"]
+    if family not in OPENVINO_INT8_FAMILIES:
+        raise ValueError(f"OpenVINO INT8 is offered for {', '.join(OPENVINO_INT8_FAMILIES)} models, not {family}")
     missing = nncf_missing()
     if missing:
-        raise ValueError(f"static INT8 needs calibration: {missing}")
-    if image_dir is None:
-        raise ValueError("static INT8 needs calibration images: index a folder first (`fastret index DIR`)")
-    import nncf
+        raise ValueError(f"OpenVINO INT8 needs NNCF: {missing}")
     import openvino as ov
 
     spec = Preprocessing.from_dict(metadata["preprocessing"])
-    calibration = calibration_pixels(spec, image_dir, count, minimum)
-    log(f"calibrating INT8 on {len(calibration)} images from {image_dir} (once per model)")
     model = ov.Core().read_model(str(export_dir / FP32_ONNX))
-    dataset = nncf.Dataset([calibration[i : i + 1] for i in range(len(calibration))])
-    with contextlib.redirect_stdout(sys.stderr):  # NNCF's progress bar: stdout is for results
-        quantized = nncf.quantize(model, dataset, subset_size=len(calibration))
+    if family in OPENVINO_STATIC_INT8_FAMILIES:
+        quantized, record = _calibrated_int8(model, spec, image_dir, count, minimum, log)
+    else:
+        quantized, record = _weight_int8(model, log)
     staging = Path(tempfile.mkdtemp(dir=export_dir, prefix=f".{OPENVINO_INT8_DIR}."))
     try:
         ov.save_model(quantized, str(staging / OPENVINO_INT8_XML))
@@ -143,24 +182,18 @@ def export_openvino_int8(
         parity = compare_embeddings(
             onnx_embed(export_dir / FP32_ONNX, pixels), openvino_embed(staging / OPENVINO_INT8_XML, pixels), source
         )
-        log(parity.line("OpenVINO int8 (static) vs ONNX fp32"))
-        if parity.mean_cosine < OPENVINO_INT8_MIN_MEAN_COSINE:
+        log(parity.line(f"OpenVINO {record['precision']} vs ONNX fp32"))
+        if family in OPENVINO_STATIC_INT8_FAMILIES and parity.mean_cosine < OPENVINO_INT8_MIN_MEAN_COSINE:
             raise ValueError(
                 f"OpenVINO int8 mean cosine {parity.mean_cosine:.5f} < {OPENVINO_INT8_MIN_MEAN_COSINE}; not kept"
             )
+        if family in OPENVINO_WEIGHT_INT8_FAMILIES and parity.min_cosine < INT8_MIN_COSINE:
+            raise ValueError(f"OpenVINO int8 min cosine {parity.min_cosine:.5f} < {INT8_MIN_COSINE}; not kept")
         target = export_dir / OPENVINO_INT8_DIR
-        if target.exists():  # another process calibrated meanwhile: keep its model and its record
+        if target.exists():  # another process made it meanwhile: keep its model and its record
             return target / OPENVINO_INT8_XML, parity
         os.replace(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    add_artefact(
-        export_dir,
-        OPENVINO_INT8_DIR,
-        {
-            "precision": "int8-static",
-            "calibration": {"images": len(calibration), "folder": str(image_dir)},
-            "parity_vs_onnx_fp32": parity.to_dict(),
-        },
-    )
+    add_artefact(export_dir, OPENVINO_INT8_DIR, {**record, "parity_vs_onnx_fp32": parity.to_dict()})
     return export_dir / OPENVINO_INT8_DIR / OPENVINO_INT8_XML, parity

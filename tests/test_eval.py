@@ -207,3 +207,37 @@ def test_a_benchmark_side_reports_its_own_peak_memory_not_its_parents():
     code = f"import sys; sys.path.insert(0, {str(REPO / 'benchmarks')!r}); from common import peak_rss_mib; print(peak_rss_mib())"
     child_peak = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     assert held.sum() > 0 and 0 < child_peak < 300
+
+
+def _benchmark_module(name: str):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+
+
+def test_e2e_latency_rotates_turns_and_takes_the_median_block_ratio():
+    e2e = _benchmark_module("e2e_latency")
+    sides = ["openvino", "torch", "baseline"]
+    assert [e2e.turn_order(sides, n)[0] for n in range(4)] == ["openvino", "torch", "baseline", "openvino"]
+    assert sorted(e2e.turn_order(sides, 5)) == sorted(sides)
+    # A slow phase of the machine doubles both sides in block 2: the ratio stays 4 in every block.
+    rows = [{"side": "openvino"}, {"side": "baseline"}]
+    blocks = [{"openvino": 7.0, "baseline": 28.0}, {"openvino": 14.0, "baseline": 56.0}, {"openvino": 8.0, "baseline": 24.0}]
+    e2e.add_speed_ups(rows, blocks)
+    assert rows[0]["p50_speed_up"] == {"median_of_blocks": 4.0, "min_block": 3.0, "max_block": 4.0}
+    assert rows[1]["p50_speed_up"]["median_of_blocks"] == 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.data
+def test_e2e_latency_interleaves_a_runtime_and_the_baseline(wang1k, tmp_path):
+    out = tmp_path / "e2e"
+    command = [sys.executable, str(REPO / "benchmarks" / "e2e_latency.py"), "--db", str(wang1k), "--db-limit", "20",
+               "--queries", str(wang1k), "--n-queries", "6", "--block", "3", "--backends", "onnxruntime", "--out", str(out)]
+    subprocess.run(command, check=True, capture_output=True, text=True, timeout=600)
+    result = json.loads((out / "e2e_latency.json").read_text())
+    assert [row["side"] for row in result["results"]] == ["onnxruntime", "baseline"]
+    assert all(row["queries"] == 6 for row in result["results"]) and len(result["block_p50_ms"]) == 2
+    assert result["results"][1]["p50_speed_up"]["median_of_blocks"] == 1.0

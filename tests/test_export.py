@@ -93,6 +93,25 @@ def test_tiny_clip_onnx_graph_takes_uint8_nhwc_with_dynamic_batch(tiny_export):
     assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [32, 32, 3]
 
 
+def test_clip_patch_embedding_is_exported_as_a_matrix_product(tiny_export):
+    """INT8 runtimes quantise MatMuls, not Convs: the patch embedding must reach ONNX as a MatMul."""
+    import onnx
+
+    ops = {node.op_type for node in onnx.load(str(tiny_export[0] / FP32_ONNX)).graph.node}
+    assert "Conv" not in ops and "MatMul" in ops
+
+
+def test_patch_matmul_computes_the_convolution(tiny_clip_dir):
+    import torch
+
+    from fastret.export.torch_models import _PatchMatMul
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 8, kernel_size=4, stride=4)
+    x = torch.randn(2, 3, 12, 16)
+    torch.testing.assert_close(_PatchMatMul(conv)(x), conv(x), rtol=1e-5, atol=1e-5)
+
+
 def test_tiny_clip_onnx_matches_torch(tiny_export):
     out, source = tiny_export
     pixels, _ = parity_pixels(source.preprocessing, None, count=8)

@@ -175,9 +175,17 @@ def test_cnn_int8_refuses_a_small_calibration_folder(private_cache, bundled_sour
     assert not (private_cache / OPENVINO_INT8_DIR).exists()
 
 
-def test_static_int8_is_refused_for_clip(tiny_clip, wang1k):
-    with pytest.raises(BackendUnavailable, match="use --backend onnxruntime --precision int8"):
-        encoder_for_source(tiny_clip, "openvino", precision="int8", image_dir=wang1k, **QUIET)
+def test_clip_gets_int8_weights_without_calibration(tiny_clip, tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTRET_CACHE", str(tmp_path))
+    fp32 = encoder_for_source(tiny_clip, "onnxruntime", precision="fp32", **QUIET)
+    int8 = encoder_for_source(tiny_clip, "openvino", precision="int8", **QUIET)  # no image folder
+    assert (int8.backend, int8.precision) == ("openvino", "int8")
+    assert int8.config["DYNAMIC_QUANTIZATION_GROUP_SIZE"] > 0
+    record = read_metadata(export_dir_for(tiny_clip))["artefacts"][OPENVINO_INT8_DIR]
+    assert record["precision"] == "int8-weights" and "calibration" not in record
+    assert record["parity_vs_onnx_fp32"]["min_cosine"] >= 0.999
+    a, b = embed_both(fp32, int8, tiny_clip.preprocessing)
+    assert (a * b).sum(1).min() >= 0.999
 
 
 def test_bf16_needs_openvino(bundled_source):
@@ -190,18 +198,42 @@ def test_unknown_precision(bundled_source):
         encoder_for_source(bundled_source, "auto", precision="fp8", **QUIET)
 
 
-def test_clip_int8_parity_and_routing(tiny_clip):
+def test_clip_dynamic_int8_onnx_parity(tiny_clip):
     fp32 = encoder_for_source(tiny_clip, "onnxruntime", precision="fp32", **QUIET)
-    int8 = encoder_for_source(tiny_clip, "auto", precision="int8", **QUIET)
+    int8 = encoder_for_source(tiny_clip, "onnxruntime", precision="int8", **QUIET)
     assert (int8.backend, int8.precision) == ("onnxruntime", "int8")
     assert int8.path.name == "model.int8.onnx"
     a, b = embed_both(fp32, int8, tiny_clip.preprocessing)
     assert (a * b).sum(1).min() >= 0.999
 
 
-def test_auto_on_cpu_gives_clip_int8(tiny_clip):
-    encoder = encoder_for_source(tiny_clip, "auto", **QUIET)
+@pytest.mark.parametrize("precision", ["auto", "int8"])
+def test_auto_on_cpu_gives_clip_dynamic_int8(tiny_clip, precision):
+    encoder = encoder_for_source(tiny_clip, "auto", precision=precision, **QUIET)
     assert (encoder.backend, encoder.precision) == ("onnxruntime", "int8")
+
+
+def test_clip_openvino_int8_embeds_an_image_the_same_alone_or_in_a_batch(tiny_clip):
+    """Its activation scales are per row: unlike ONNX Runtime's dynamic INT8, which scales a whole
+    batch together (random CLIP B/32: self cosine 0.99987 alone vs in a batch of 8)."""
+    encoder = encoder_for_source(tiny_clip, "openvino", precision="int8", **QUIET)
+    pixels, _ = parity_pixels(tiny_clip.preprocessing, None, count=8)
+    alone = np.concatenate([encoder.encode(pixels[i : i + 1]) for i in range(8)])
+    assert (alone * encoder.encode(pixels)).sum(1).min() >= 0.99999
+
+
+def test_onnxruntime_throughput_workload_runs_one_thread_calls_side_by_side(tiny_clip):
+    from concurrent.futures import ThreadPoolExecutor
+
+    latency = encoder_for_source(tiny_clip, "onnxruntime", precision="int8", threads=2, **QUIET)
+    batch_job = encoder_for_source(tiny_clip, "onnxruntime", precision="int8", threads=2, workload="throughput", **QUIET)
+    assert (latency.parallel_requests, batch_job.parallel_requests) == (1, 2)
+    pixels, _ = parity_pixels(tiny_clip.preprocessing, None, count=8)
+    with ThreadPoolExecutor(2) as pool:
+        parts = list(pool.map(batch_job.encode, [pixels[i : i + 2] for i in range(0, 8, 2)]))
+    # Same batches (dynamic INT8 scales each batch's activations as a whole): same embeddings.
+    alone = [latency.encode(pixels[i : i + 2]) for i in range(0, 8, 2)]
+    np.testing.assert_allclose(np.concatenate(parts), np.concatenate(alone), atol=1e-5)
 
 
 def test_auto_fp32_on_cpu_is_onnxruntime(bundled_source):
