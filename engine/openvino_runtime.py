@@ -2,11 +2,12 @@
 
 OpenVINO compiles the same model.onnx that ONNX Runtime runs. On CPUs with AVX-512 BF16 (or AMX)
 it can run convolutions and matrix products in bfloat16 (`precision="bf16"`); elsewhere, and with
-`precision="fp32"`, it computes in fp32. `precision="int8"` runs an INT8 IR (see export/quantize.py):
-the CNN's statically quantised convolutions, or CLIP's INT8 weights, whose activations the CPU
-plugin quantises per batch (groups of DYNAMIC_QUANTIZATION_GROUP_SIZE values) so its matrix products
-run on integer units; bf16 (or fp32) for the rest. Compiled blobs are cached
-beside the export, so a second process starts in a fraction of a second.
+`precision="fp32"`, it computes in fp32. `precision="int8"` runs an INT8 IR (see
+export/quantize.py): the CNN's statically quantised convolutions, or CLIP's INT8 weights, whose
+activations the CPU plugin quantises at run time, per row in groups of
+DYNAMIC_QUANTIZATION_GROUP_SIZE values, so its matrix products run on integer units; bf16 (or
+fp32) for the rest. Compiled blobs are cached beside the export, so a second process starts in a
+fraction of a second.
 
 `workload="latency"` gives one request all cores (a lone query finishes soonest); "throughput"
 gives OpenVINO's streams (on 2 cores: two one-thread streams) and one infer request per stream, so

@@ -11,8 +11,8 @@
   calibrated on the images being indexed (never queries). The pointwise convolutions run in INT8
   (weights per channel); OpenVINO's CPU plugin keeps the depthwise ones in bf16 even though NNCF
   quantises their inputs: P@10 moves by at most -0.0015 for +24-42% images/s over bf16 in the
-  pipeline (BENCHMARKS.md, "CPU speed"). Static INT8 of the
-  same graph through ONNX Runtime's QDQ quantiser was both less accurate and slower: not offered.
+  pipeline (BENCHMARKS.md, "CPU speed"). Static INT8 of the same graph through ONNX Runtime's QDQ
+  quantiser was both less accurate and slower: not offered.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ OPENVINO_INT8_XML = "model.xml"
 OPENVINO_STATIC_INT8_FAMILIES = ("efficientnet-lite",)
 """Calibrated: weights and activations quantised ahead, from the images being indexed."""
 OPENVINO_WEIGHT_INT8_FAMILIES = ("clip",)
-"""INT8 weights; the CPU plugin quantises activations per batch (no calibration)."""
+"""INT8 weights; the CPU plugin quantises activations at run time, per row (no calibration)."""
 OPENVINO_INT8_FAMILIES = OPENVINO_STATIC_INT8_FAMILIES + OPENVINO_WEIGHT_INT8_FAMILIES
 CALIBRATION_IMAGES = 128
 """NNCF's statistics over 128 images: 7 s on 2 cores; 300 gave the same P@10."""
@@ -133,7 +133,7 @@ def _calibrated_int8(model, spec: Preprocessing, image_dir: Path | None, count: 
 
 def _weight_int8(model, log):
     """INT8 weights (symmetric, per output channel) for every matrix product; activations stay float
-    in the IR and are quantised per batch by the CPU plugin."""
+    in the IR and the CPU plugin quantises them at run time (compile_config)."""
     import nncf
 
     from fastret.engine.openvino_runtime import DYNAMIC_QUANTIZATION_GROUP_SIZE
