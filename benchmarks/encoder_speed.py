@@ -3,7 +3,9 @@
 For each architecture (the bundled EfficientNet-Lite2; the CLIP ViT-B/32 architecture with random
 weights, timing only) it times torch eager fp32 (the baseline), ONNX Runtime fp32 / int8,
 OpenVINO fp32 / bf16 / int8 on the same real images at one batch size, and reports images/s, the ratio
-to torch, and min cosine / max abs difference against torch fp32. Two rates per runtime: one batch
+to torch, min cosine / max abs difference against torch fp32, and how far an image's embedding moves
+when it is embedded alone instead of in its batch (dynamic INT8 that scales a whole batch's
+activations together moves it; per-row scales do not). Two rates per runtime: one batch
 at a time (the encoder as `fastret search` opens it), and pipelined: the encoder as `fastret index`
 opens it (workload "throughput"), with as many batches in flight as it serves at once (OpenVINO: one
 per stream; ONNX Runtime: one one-thread call per core; torch: one, so its two rates are one). The floor: FLOPs per image
@@ -33,6 +35,8 @@ from fastret.engine.load import BackendUnavailable, encoder_for_source  # noqa: 
 from fastret.export.models import resolve_model  # noqa: E402
 from fastret.export.onnx_export import compare_embeddings, ensure_exported  # noqa: E402
 
+ALONE_IMAGES = 8
+"""Images of the first batch also embedded one at a time, to see if a batch changes them."""
 RUNTIMES = (
     ("torch", "fp32"),
     ("onnxruntime", "fp32"),
@@ -121,6 +125,7 @@ def bench_model(name: str, images: Path, count: int, batch: int, rounds: int) ->
             rows.append({"model": model_label(name), "runtime": f"{backend} {precision}", "skipped": str(exc)})
             continue
         embeddings = np.concatenate([encoder.encode(pixels[i : i + batch]) for i in range(0, len(pixels), batch)])
+        alone = np.concatenate([encoder.encode(pixels[i : i + 1]) for i in range(ALONE_IMAGES)])
         rate = images_per_second(encoder, pixels, batch, rounds)
         if backend != "torch":
             batch_job = encoder_for_source(
@@ -142,10 +147,16 @@ def bench_model(name: str, images: Path, count: int, batch: int, rounds: int) ->
                 "pipelined_vs_torch": round(pipelined / torch_rate, 2),
                 "min_cosine_vs_torch": round(parity.min_cosine, 6),
                 "max_abs_diff_vs_torch": float(f"{parity.max_abs_diff:.2e}"),
+                "min_cosine_alone_vs_in_batch": round(float((alone * embeddings[:ALONE_IMAGES]).sum(1).min()), 7),
                 "gflops_per_image": round(flops / 1e9, 3),
             }
         )
     return rows
+
+
+def _cosine(value: float | None) -> str | None:
+    """Cosines near 1 print with all their digits (the table's 3 decimals would show 1.000)."""
+    return None if value is None else f"{value:.7f}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,8 +176,8 @@ def main(argv: list[str] | None = None) -> int:
             floor = peaks[row["runtime"].split()[-1]] / row["gflops_per_image"]
             row["floor_images_per_s"] = round(floor, 1)
             row["share_of_floor"] = round(row["pipelined_images_per_s"] / floor, 2)
-    header = ["model", "runtime", "images/s", "x torch", "pipelined", "x torch", "min cos", "GFLOP/img",
-              "floor img/s", "of floor (pipelined)"]
+    header = ["model", "runtime", "images/s", "x torch", "pipelined", "x torch", "min cos", "alone vs batch",
+              "GFLOP/img", "floor img/s", "of floor (pipelined)"]
     print(
         f"measured peaks on {machine()['cores']} cores (2048^3 matrix product): "
         + ", ".join(f"{name} {value:.0f}" for name, value in peaks.items())
@@ -177,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
             header,
             [
                 [r["model"], r["runtime"], r.get("images_per_s"), r.get("vs_torch"), r.get("pipelined_images_per_s"),
-                 r.get("pipelined_vs_torch"), r.get("min_cosine_vs_torch"), r.get("gflops_per_image"),
+                 r.get("pipelined_vs_torch"), _cosine(r.get("min_cosine_vs_torch")),
+                 _cosine(r.get("min_cosine_alone_vs_in_batch")), r.get("gflops_per_image"),
                  r.get("floor_images_per_s"), r.get("share_of_floor")]
                 for r in rows
             ],
