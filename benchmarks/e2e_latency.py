@@ -117,6 +117,14 @@ def side_process(connection, side: str, model: str, db: str) -> None:
         connection.send(timings)
 
 
+def receive(connection, side: str):
+    """The side's next message; its process's error (printed above by that process) ends the run."""
+    try:
+        return connection.recv()
+    except EOFError:
+        raise SystemExit(f"e2e_latency: the {side} process stopped (its error is above)") from None
+
+
 def start_sides(sides: list[str], model: str, db: Path) -> dict:
     """Start each side's process in turn (database builds never overlap); the available ones."""
     context = multiprocessing.get_context("spawn")
@@ -125,7 +133,8 @@ def start_sides(sides: list[str], model: str, db: Path) -> dict:
         ours, theirs = context.Pipe()
         process = context.Process(target=side_process, args=(theirs, side, model, str(db)), daemon=True)
         process.start()
-        hello = ours.recv()
+        theirs.close()  # the child holds its end: if it dies, our recv ends instead of waiting forever
+        hello = receive(ours, side)
         if "unavailable" in hello:
             print(f"{side}: unavailable ({hello['unavailable']})")
             process.join()
@@ -153,7 +162,7 @@ def measure(sides: list[str], model: str, db: Path, queries: list[Path], block: 
         for side in turn_order(list(running), number):
             _, connection, _ = running[side]
             connection.send(paths)
-            answers = connection.recv()
+            answers = receive(connection, side)
             timings[side].extend(answers)
             block_p50[side] = round(1000 * float(np.median([a["total"] for a in answers])), 2)
         blocks.append(block_p50)

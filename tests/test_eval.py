@@ -241,3 +241,15 @@ def test_e2e_latency_interleaves_a_runtime_and_the_baseline(wang1k, tmp_path):
     assert [row["side"] for row in result["results"]] == ["onnxruntime", "baseline"]
     assert all(row["queries"] == 6 for row in result["results"]) and len(result["block_p50_ms"]) == 2
     assert result["results"][1]["p50_speed_up"]["median_of_blocks"] == 1.0
+
+
+@pytest.mark.data
+def test_e2e_latency_ends_when_a_side_process_fails(wang1k, tmp_path):
+    """Regression: the parent kept its copy of the child's pipe end, so a side that died (here on an
+    unknown model) left the benchmark waiting forever instead of ending with an error."""
+    command = [sys.executable, str(REPO / "benchmarks" / "e2e_latency.py"), "--db", str(wang1k), "--db-limit", "10",
+               "--queries", str(wang1k), "--n-queries", "2", "--backends", "onnxruntime", "--model", "no-such-model",
+               "--out", str(tmp_path / "e2e")]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1
+    assert "the onnxruntime process stopped" in run.stderr and "unknown model 'no-such-model'" in run.stderr

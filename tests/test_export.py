@@ -101,7 +101,7 @@ def test_clip_patch_embedding_is_exported_as_a_matrix_product(tiny_export):
     assert "Conv" not in ops and "MatMul" in ops
 
 
-def test_patch_matmul_computes_the_convolution(tiny_clip_dir):
+def test_patch_matmul_computes_the_convolution():
     import torch
 
     from fastret.export.torch_models import _PatchMatMul
