@@ -60,7 +60,7 @@ def scaled_embeddings(directory: Path, db: Path, queries: Path) -> tuple[np.ndar
     cached = directory / "db_embeddings.npy", directory / "query_embeddings.npy"
     if not all(p.is_file() for p in cached):
         from fastret.engine.decode import list_images
-        from fastret.engine.load import open_encoder
+        from fastret.service.load import open_encoder
         from fastret.engine.pipeline import embed_files
 
         encoder = open_encoder("efficientnet-lite2", log=lambda _: None)

@@ -35,7 +35,7 @@ def clip_random_dir(directory: Path = DEFAULT_DIR, seed: int = 0) -> Path:
 
 
 def model_argument(name: str) -> str:
-    """A benchmark's --model value -> what fastret.engine.load.open_encoder accepts."""
+    """A benchmark's --model value -> what fastret.service.load.open_encoder accepts."""
     return str(clip_random_dir()) if name == CLIP_RANDOM else name
 
 

@@ -48,7 +48,7 @@ def fastret_answerer(backend: str, model: str, db: Path):
     `fastret index` opens the runtime for throughput, `fastret search` for latency."""
     from fastret.engine.decode import load_pixels
     from fastret.engine.encoders import describe_runtime
-    from fastret.engine.load import open_encoder
+    from fastret.service.load import open_encoder
     from fastret.engine.retrieval import build_index, rank_hits
 
     indexer = open_encoder(model_argument(model), backend, image_dir=db, workload="throughput", log=lambda _: None)
@@ -96,7 +96,7 @@ def baseline_answerer(model: str, db: Path):
 
 def side_process(connection, side: str, model: str, db: str) -> None:
     """One runtime in its own process: build its database, then time the blocks of queries it is sent."""
-    from fastret.engine.load import BackendUnavailable
+    from fastret.service.load import BackendUnavailable
 
     try:
         if side == BASELINE:

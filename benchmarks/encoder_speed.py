@@ -31,7 +31,7 @@ from clip_random import CLIP_RANDOM, model_argument, model_label  # noqa: E402
 from common import OUT, machine, table, write_json  # noqa: E402
 
 from fastret.engine.decode import list_images, load_pixels  # noqa: E402
-from fastret.engine.load import BackendUnavailable, encoder_for_source  # noqa: E402
+from fastret.service.load import BackendUnavailable, encoder_for_source  # noqa: E402
 from fastret.export.models import resolve_model  # noqa: E402
 from fastret.export.onnx_export import compare_embeddings, ensure_exported  # noqa: E402
 

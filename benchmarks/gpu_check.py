@@ -40,7 +40,7 @@ from clip_random import clip_random_dir
 from common import OUT, machine, table, write_json
 
 from fastret.engine.cuda_torch import TorchCudaEncoder, cuda_missing
-from fastret.engine.load import encoder_for_source, model_info
+from fastret.service.load import encoder_for_source, model_info
 from fastret.engine.tensorrt_runtime import tensorrt_missing
 from fastret.export.models import ModelSource, bundled_source, clip_source, load_torch_model
 from fastret.export.onnx_export import compare_embeddings, ensure_exported, parity_pixels

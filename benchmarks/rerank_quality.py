@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from fastret.engine.decode import list_images
-from fastret.engine.load import encoder_for_source
+from fastret.service.load import encoder_for_source
 from fastret.engine.metrics import summarize
 from fastret.engine.pipeline import decoded_batches
 from fastret.engine.rerank import RerankOptions, prepare_database, rerank_search

@@ -27,7 +27,7 @@ import numpy as np
 
 from fastret.engine.decode import list_images
 from fastret.engine.encoders import describe_runtime
-from fastret.engine.load import open_encoder
+from fastret.service.load import open_encoder
 from fastret.engine.pipeline import DEFAULT_BATCH_SIZE, embed_files
 from fastret.engine.retrieval import build_index
 

@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 from fastret.cli.options import add_runtime_options
-from fastret.engine.evaluation import DEFAULT_KS, evaluate_folders
+from fastret.engine.evaluation import DEFAULT_KS
+from fastret.service.evaluate import evaluate_folders
 from fastret.cli.rerank_flags import add_rerank_options, rerank_options
 
 

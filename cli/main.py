@@ -14,7 +14,7 @@ from fastret.cli import evaluate, serve
 from fastret.cli.options import add_runtime_options
 from fastret.engine.encoders import describe_runtime
 from fastret.engine.index import BadIndex, HnswParams, Index, default_index_dir
-from fastret.engine.load import BackendUnavailable, encoder_for_index, open_encoder
+from fastret.service.load import BackendUnavailable, encoder_for_index, open_encoder
 from fastret.engine.pipeline import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS
 from fastret.engine.retrieval import SCORES, build_index, embed_query, ids_of_file, rank_hits
 from fastret.engine.index import live_version

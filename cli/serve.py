@@ -38,7 +38,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log(f"fastret: error: the web app needs its extra: pip install 'fastret[web]' ({exc})")
         return 2
     from fastret.engine.encoders import describe_runtime
-    from fastret.engine.load import encoder_for_index
+    from fastret.service.load import encoder_for_index
 
     index = Index.load(args.index)
     encoder = encoder_for_index(

@@ -3,7 +3,7 @@
 Every encoder has the same small interface: `encode(pixels)` takes a (N, H, W, 3) uint8 batch
 in the model's preprocessing and returns (N, D) float32, L2-normalised. The PyTorch encoder is
 the reference (and the baseline); ONNX Runtime runs the exported graph everywhere, and
-engine/load.py picks the fastest runtime for the machine (OpenVINO, TensorRT, ...) by measurement.
+service/load.py picks the fastest runtime for the machine (OpenVINO, TensorRT, ...) by measurement.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ BACKENDS = (
     "auto", "onnxruntime", "onnxruntime-trt", "openvino", "torch", "torch-cuda", "torch-cuda-fp16", "tensorrt"
 )
 PRECISIONS = ("auto", "fp32", "bf16", "int8")
-"""auto: the fastest precision that passed its parity check on this machine (see engine/load.py)."""
+"""auto: the fastest precision that passed its parity check on this machine (see service/load.py)."""
 
 
 @dataclass(frozen=True)

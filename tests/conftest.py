@@ -71,7 +71,7 @@ def bundled_source():
 @pytest.fixture(scope="session")
 def bundled_onnx(bundled_source, model_cache):
     """The bundled model's ONNX encoder (exported once per session)."""
-    from fastret.engine.load import encoder_for_source
+    from fastret.service.load import encoder_for_source
 
     return encoder_for_source(bundled_source, "onnxruntime", log=lambda _: None)
 

@@ -13,7 +13,7 @@ from PIL import Image
 import fastret.export.onnx_export as onnx_export
 from fastret.engine.decode import Preprocessing, list_images, load_pixels
 from fastret.engine.encoders import OnnxEncoder
-from fastret.engine.load import BackendUnavailable, encoder_for_index, model_info, open_encoder
+from fastret.service.load import BackendUnavailable, encoder_for_index, model_info, open_encoder
 from fastret.engine.retrieval import build_index
 from fastret.export.models import BUNDLED, ModelNotFound, clip_preprocessing, load_torch_model, resolve_model
 from fastret.export.onnx_export import (

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from fastret.engine.cuda_torch import cuda_missing
-from fastret.engine.load import encoder_for_source
+from fastret.service.load import encoder_for_source
 from fastret.export.models import clip_source
 from fastret.export.onnx_export import FP16_ONNX, ensure_exported
 
@@ -61,7 +61,7 @@ def test_staged_pipeline_keeps_order_across_slots_and_chunks():
 
 def test_fp16_autocast_logic_on_cpu_matches_fp32(tiny_source, cpu_reference):
     from fastret.engine.cuda_torch import TorchCudaEncoder
-    from fastret.engine.load import model_info
+    from fastret.service.load import model_info
     from fastret.export.models import load_torch_model
 
     encoder = TorchCudaEncoder(
@@ -107,7 +107,7 @@ def test_fp16_graphs_match_fp32_in_order_for_any_batch_size(tiny_source, cpu_ref
 def test_fp16_graph_padding_never_changes_real_rows(tiny_source):
     from fastret.engine.cuda_torch import TorchCudaEncoder
     from fastret.export.models import load_torch_model
-    from fastret.engine.load import model_info
+    from fastret.service.load import model_info
 
     graphs = TorchCudaEncoder(load_torch_model(tiny_source), model_info(tiny_source), half=True, graphs=True)
     eager = TorchCudaEncoder(load_torch_model(tiny_source), model_info(tiny_source), half=True, graphs=False)

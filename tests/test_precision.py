@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fastret.engine.decode import list_images, load_pixels
-from fastret.engine.load import BackendUnavailable, encoder_for_source
+from fastret.service.load import BackendUnavailable, encoder_for_source
 from fastret.engine.openvino_runtime import cpu_supports_bf16, openvino_missing
 from fastret.export import quantize
 from fastret.export.models import resolve_model
@@ -121,14 +121,14 @@ def test_auto_calibrates_cnn_int8_on_the_indexed_folder(private_cache, bundled_s
     ],
 )
 def test_queries_embed_on_the_runtime_the_index_recorded(private_cache, bundled_source, recorded, backend, precision):
-    from fastret.engine.load import encoder_for_index, model_info
+    from fastret.service.load import encoder_for_index, model_info
 
     encoder = encoder_for_index(model_info(bundled_source), recorded=recorded, **QUIET)
     assert encoder.backend == backend and encoder.precision == (precision or encoder.precision)
 
 
 def test_an_unavailable_recorded_runtime_falls_back_and_says_so(private_cache, bundled_source):
-    from fastret.engine.load import encoder_for_index, model_info
+    from fastret.service.load import encoder_for_index, model_info
 
     said: list[str] = []
     recorded = {"backend": "tensorrt", "precision": "fp16"}

@@ -14,7 +14,7 @@ import pytest
 
 from fastret.engine.cuda_torch import batch_bucket, split_rows
 from fastret.engine.encoders import BACKENDS, OnnxEncoder, ort_providers, ort_tensorrt_options
-from fastret.engine.load import BackendUnavailable, encoder_for_source
+from fastret.service.load import BackendUnavailable, encoder_for_source
 from fastret.engine.tensorrt_runtime import PLAN_FILE, PlanTarget, plan_problem, tensorrt_missing
 from fastret.export.models import clip_source
 from fastret.export.onnx_export import FP16_ONNX, FP32_ONNX, METADATA_FILE, ensure_exported, read_metadata

@@ -1,0 +1,130 @@
+"""`fastret eval` as a job: open the encoder, embed the database (or load an index), embed the
+queries, search, score, timing each stage. The metrics themselves are fastret.engine.evaluation."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+from fastret.engine.decode import list_images
+from fastret.engine.encoders import describe_runtime
+from fastret.engine.evaluation import DEFAULT_KS, evaluate_embeddings, folder_labels, index_search
+from fastret.engine.index import Index
+from fastret.engine.pipeline import Skipped, embed_files
+from fastret.engine.rerank import RerankOptions, prepare_database, rerank_ranker
+from fastret.engine.retrieval import build_index
+from fastret.engine.tta import FlipAveragedEncoder
+from fastret.service.load import encoder_for_index, open_encoder
+
+
+def evaluate_folders(
+    db_dir: str | Path,
+    queries_dir: str | Path | None,
+    ks: Sequence[int] = DEFAULT_KS,
+    *,
+    model: str = "auto",
+    backend: str = "auto",
+    precision: str = "auto",
+    threads: int | None = None,
+    index_dir: str | Path | None = None,
+    exact: bool = False,
+    ef: int | None = None,
+    rerank: RerankOptions = RerankOptions(),
+    flip_tta: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """The whole evaluation from folders, timing model load, database, query embedding and search.
+
+    queries_dir=None means leave-one-out over the database. With ``index_dir`` the database
+    embeddings come from that index (which must have been built from ``db_dir``) and its model.
+    """
+    db_dir = Path(db_dir).resolve()
+    seconds: dict[str, float] = {}
+    skipped: list[Skipped] = []
+
+    def on_skip(skip: Skipped) -> None:
+        skipped.append(skip)
+        log(skip.line())
+
+    started = time.perf_counter()
+    if index_dir is not None:
+        index = Index.load(index_dir)
+        if Path(index.root).resolve() != db_dir:
+            raise ValueError(f"{index_dir}: the index was built from {index.root}, not {db_dir}")
+        seconds["index_load"] = _since(started)
+        started = time.perf_counter()
+        encoder = encoder_for_index(
+            index.model,
+            backend,
+            threads=threads,
+            precision=precision,
+            workload="throughput",
+            recorded=index.runtime,
+            log=log,
+        )
+        encoder = FlipAveragedEncoder(encoder) if flip_tta else encoder  # queries only: the index is built
+        seconds["model_load"] = _since(started)
+    else:
+        encoder = open_encoder(
+            model, backend, threads=threads, image_dir=db_dir, precision=precision, workload="throughput", log=log
+        )
+        encoder = FlipAveragedEncoder(encoder) if flip_tta else encoder
+        seconds["model_load"] = _since(started)
+        started = time.perf_counter()
+        index, _ = build_index(db_dir, encoder, on_skip=on_skip)
+        seconds["database_embedding"] = _since(started)
+    if len(index) == 0:
+        raise ValueError(f"{db_dir}: no image could be embedded")
+
+    query_embeddings = query_labels = None
+    query_paths: list[Path] = []
+    if queries_dir is not None:
+        started = time.perf_counter()
+        embedded = embed_files(list_images(queries_dir), encoder, on_skip=on_skip)
+        seconds["query_embedding"] = _since(started)
+        query_paths, query_embeddings = embedded.paths, embedded.embeddings
+        query_labels = folder_labels(query_paths)
+        if not query_paths:
+            raise ValueError(f"{queries_dir}: no query image could be embedded")
+
+    search = full_search = None
+    if rerank.active:  # exact search over the prepared vectors, for the top k and the mAP alike
+        started = time.perf_counter()
+        prepared = prepare_database(index.embeddings, rerank)
+        seconds["rerank_prepare"] = _since(started)
+        search = full_search = rerank_ranker(prepared, rerank, leave_one_out=queries_dir is None)
+    summary = evaluate_embeddings(
+        index.embeddings,
+        [item.label for item in index.items],
+        query_embeddings,
+        query_labels,
+        ks,
+        search=search or index_search(index, exact=exact, ef=ef),
+        full_search=full_search,
+    )
+    seconds["search"] = summary.pop("search_seconds")
+    return {
+        "protocol": "leave-one-out" if queries_dir is None else "split",
+        "db": str(db_dir),
+        "queries_dir": None if queries_dir is None else str(Path(queries_dir).resolve()),
+        "model": encoder.info.model_id,
+        "backend": describe_runtime(encoder),
+        "search": "exact + re-ranking" if rerank.active else "exact" if exact or index.hnsw is None else _hnsw_description(index, ef),
+        "rerank": rerank.to_dict() if rerank.active else None,
+        "flip_tta": flip_tta,
+        "db_images": len(index),
+        "skipped": [skip.line() for skip in skipped],
+        "seconds": seconds,
+        **summary,
+    }
+
+
+def _hnsw_description(index: Index, ef: int | None) -> str:
+    params = index.hnsw_params
+    return f"hnsw (M={params.M}, ef_construction={params.ef_construction}, ef={ef or params.ef_search})"
+
+
+def _since(started: float) -> float:
+    return round(time.perf_counter() - started, 4)
+
