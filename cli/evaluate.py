@@ -7,10 +7,9 @@ import json
 import sys
 from pathlib import Path
 
-from fastret.cli.options import add_runtime_options
+from fastret.cli.options import add_runtime_options, add_search_options, int_in, search_options
 from fastret.engine.evaluation import DEFAULT_KS
 from fastret.service.evaluate import evaluate_folders
-from fastret.cli.rerank_flags import add_rerank_options, rerank_options
 
 
 def register(commands) -> None:
@@ -22,18 +21,17 @@ def register(commands) -> None:
     protocol.add_argument(
         "--leave-one-out", action="store_true", help="every database image queries all the others"
     )
-    parser.add_argument("-k", type=int, nargs="+", default=list(DEFAULT_KS), help="cut-offs (default: 1 5 10)")
+    parser.add_argument("-k", type=int_in(1), nargs="+", default=list(DEFAULT_KS), help="cut-offs (default: 1 5 10)")
     parser.add_argument("--model", default="auto", help="auto, efficientnet-lite2, clip-vit-b32, hf:ORG/NAME or a dir")
     add_runtime_options(parser)
     parser.add_argument("--index", type=Path, default=None, help="use this index of --db instead of embedding it")
-    parser.add_argument("--exact", action="store_true", help="brute-force search instead of HNSW")
-    parser.add_argument("--ef", type=int, default=None, help="HNSW ef at query time (default: the index's)")
     parser.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write the full result here")
-    add_rerank_options(parser)
+    add_search_options(parser, with_k=False)
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    options = search_options(args, k=1)  # the cut-offs are -k, handed to evaluate_folders
     result = evaluate_folders(
         args.db,
         None if args.leave_one_out else args.queries,
@@ -43,10 +41,7 @@ def run(args: argparse.Namespace) -> int:
         precision=args.precision,
         threads=args.threads,
         index_dir=args.index,
-        exact=args.exact,
-        ef=args.ef,
-        rerank=rerank_options(args),
-        flip_tta=args.flip_tta,
+        options=options,
         log=lambda line: print(line, file=sys.stderr, flush=True),
     )
     print(format_report(result))

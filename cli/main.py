@@ -9,20 +9,17 @@ import time
 from pathlib import Path
 
 from fastret import __version__
-from fastret.engine.decode import ImageError
 from fastret.cli import evaluate, serve
-from fastret.cli.options import add_runtime_options
+from fastret.cli.options import add_runtime_options, add_search_options, int_in, search_options
+from fastret.engine.decode import ImageError
 from fastret.engine.encoders import describe_runtime
-from fastret.engine.index import BadIndex, HnswParams, Index, default_index_dir
-from fastret.service.load import BackendUnavailable, encoder_for_index, open_encoder
+from fastret.engine.index import BadIndex, HnswParams, default_index_dir
 from fastret.engine.pipeline import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS
-from fastret.engine.retrieval import SCORES, build_index, embed_query, ids_of_file, rank_hits
-from fastret.engine.index import live_version
-from fastret.engine.rerank import prepare_index, rerank_hits
-from fastret.engine.tta import FlipAveragedEncoder
-from fastret.cli.rerank_flags import add_rerank_options, rerank_options
+from fastret.engine.retrieval import SCORES, build_index, display_path
 from fastret.export.models import ModelNotFound
 from fastret.export.onnx_export import ExportError
+from fastret.service.load import BackendUnavailable, open_encoder
+from fastret.service.search import Retriever
 
 USER_ERRORS = (BadIndex, BackendUnavailable, ExportError, FileNotFoundError, ImageError, ModelNotFound, ValueError)
 
@@ -75,34 +72,20 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
+    options = search_options(args)  # a bad combination is refused before the index is opened
     started = time.perf_counter()
-    index = Index.load(args.index)
-    encoder = encoder_for_index(
-        index.model, args.backend, threads=args.threads, precision=args.precision, recorded=index.runtime, log=log
-    )
+    retriever = Retriever.open(args.index, backend=args.backend, precision=args.precision, threads=args.threads, log=log)
     loaded = time.perf_counter()
-    query = embed_query(FlipAveragedEncoder(encoder) if args.flip_tta else encoder, args.image)
-    exclude = frozenset() if args.include_self else ids_of_file(index, args.image)
-    options = rerank_options(args)
-    if options.active:  # exact search over the re-ranking space (see engine/rerank.py)
-        if args.score != "cosine":
-            raise ValueError("--score softmax does not combine with --pca/--dba/--qe/--kreciprocal")
-        prepared = prepare_index(index, options, live_version(args.index))
-        hits = rerank_hits(index, prepared, query, args.k, options, exclude)
-    else:
-        hits = rank_hits(index, query, args.k, exact=args.exact, score=args.score, exclude=exclude)
+    hits = retriever.search_file(args.image, options)
     finished = time.perf_counter()
     if args.json:
         print(
             json.dumps(
                 {
-                    "query": str(args.image),
-                    "model": index.model.model_id,
-                    "backend": encoder.backend,
-                    "exact": args.exact,
-                    "score": args.score,
-                    "flip_tta": args.flip_tta,
-                    "rerank": options.to_dict() if options.active else None,
+                    "query": display_path(str(args.image)),
+                    "model": retriever.index.model.model_id,
+                    "backend": retriever.encoder.backend,
+                    **options.to_dict(),
                     "seconds": {"load": round(loaded - started, 4), "query": round(finished - loaded, 4)},
                     "results": [hit.to_dict() for hit in hits],
                 },
@@ -110,10 +93,10 @@ def cmd_search(args: argparse.Namespace) -> int:
             )
         )
         return 0
-    label = "Probability" if args.score == "softmax" else "Similarity Score"
+    label = "Probability" if options.score == "softmax" else "Similarity Score"
     print(f"Top {len(hits)} most similar images:")
     for hit in hits:
-        print(f"{hit.rank}. {hit.path} - {label}: {hit.score:.2f}")
+        print(f"{hit.rank}. {display_path(hit.path)} - {label}: {hit.score:.2f}")
     return 0
 
 
@@ -126,27 +109,25 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("dir", help="folder of images (sub-folder names become labels)")
     index.add_argument("--out", type=Path, default=default_index_dir(), help="index directory (default: %(default)s)")
     add_model_options(index)
-    index.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
-    index.add_argument("--workers", type=int, default=DEFAULT_WORKERS, help="decoder threads (0: decode inline)")
+    index.add_argument("--batch-size", type=int_in(1, 4096), default=DEFAULT_BATCH_SIZE)
+    index.add_argument("--workers", type=int_in(0, 256), default=DEFAULT_WORKERS, help="decoder threads (0: decode inline)")
     index.add_argument("--no-draft", action="store_true", help="decode JPEGs at full size (no DCT downscaling)")
-    index.add_argument("--hnsw-m", type=int, default=HnswParams.M)
-    index.add_argument("--ef-construction", type=int, default=HnswParams.ef_construction)
-    index.add_argument("--ef-search", type=int, default=HnswParams.ef_search)
+    index.add_argument("--hnsw-m", type=int_in(2, 256), default=HnswParams.M, help="HNSW links per node")
+    index.add_argument("--ef-construction", type=int_in(1), default=HnswParams.ef_construction)
+    index.add_argument("--ef-search", type=int_in(1), default=HnswParams.ef_search, help="default HNSW ef at query time")
     index.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     index.set_defaults(run=cmd_index)
 
     search = commands.add_parser("search", help="find the images most similar to IMG")
     search.add_argument("image", type=Path, help="query image")
     search.add_argument("--index", type=Path, default=default_index_dir(), help="index directory (default: %(default)s)")
-    search.add_argument("-k", type=int, default=10, help="results to show (default: 10)")
-    search.add_argument("--exact", action="store_true", help="brute-force search instead of HNSW")
     search.add_argument("--score", choices=SCORES, default="cosine", help="cosine (default) or softmax over the database")
     search.add_argument("--json", action="store_true", help="machine-readable output")
     search.add_argument(
         "--include-self", action="store_true", help="keep the query file itself when it is in the index"
     )
+    add_search_options(search)
     add_runtime_options(search)
-    add_rerank_options(search)
     search.set_defaults(run=cmd_search)
     # Sub-commands that live in their own modules register below, one line each.
     evaluate.register(commands)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import socket
 import sys
 from pathlib import Path
 
-from fastret.cli.options import add_runtime_options
-from fastret.engine.index import Index, default_index_dir
-from fastret.web import DEFAULT_MAX_UPLOAD_BYTES
+from fastret.cli.options import add_runtime_options, int_in, positive_float
+from fastret.engine.decode import DEFAULT_MAX_PIXELS
+from fastret.engine.index import default_index_dir
+from fastret.web import DEFAULT_MAX_DECODES, DEFAULT_MAX_UPLOAD_BYTES
 from fastret.web.batcher import DEFAULT_MAX_BATCH
 
 DEFAULT_HOST = "127.0.0.1"
@@ -29,6 +31,18 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before the index is opened: a busy port fails at once."""
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as exc:
+        raise ValueError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return sock
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn
@@ -37,20 +51,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError as exc:
         log(f"fastret: error: the web app needs its extra: pip install 'fastret[web]' ({exc})")
         return 2
-    from fastret.engine.encoders import describe_runtime
-    from fastret.service.load import encoder_for_index
+    from fastret.service.search import Retriever
 
-    index = Index.load(args.index)
-    encoder = encoder_for_index(
-        index.model, args.backend, threads=args.threads, precision=args.precision, recorded=index.runtime, log=log
-    )
+    sock = bind(args.host, args.port)
+    retriever = Retriever.open(args.index, backend=args.backend, precision=args.precision, threads=args.threads, log=log)
     app = create_app(
-        index, encoder, max_upload_bytes=int(args.max_upload_mb * 2**20), max_batch=args.max_batch
+        retriever,
+        max_upload_bytes=int(args.max_upload_mb * 2**20),
+        max_pixels=args.max_pixels,
+        max_batch=args.max_batch,
+        max_decodes=args.max_decodes,
     )
     if not is_loopback(args.host):
         log(f"warning: serving on {args.host}: anyone who can reach it can search and view the indexed images")
-    log(f"serving {len(index)} images ({index.model.model_id} on {describe_runtime(encoder)}) at http://{args.host}:{args.port}/")
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    log(f"serving {len(retriever.index)} images ({retriever.index.model.model_id} on {retriever.runtime}) "
+        f"at http://{args.host}:{args.port}/")
+    uvicorn.Server(uvicorn.Config(app, log_level=args.log_level)).run(sockets=[sock])
     return 0
 
 
@@ -58,9 +74,15 @@ def register(commands: argparse._SubParsersAction) -> None:
     serve = commands.add_parser("serve", help="search page and HTTP API over an index")
     serve.add_argument("--index", type=Path, default=default_index_dir(), help="index directory (default: %(default)s)")
     serve.add_argument("--host", default=DEFAULT_HOST, help="address to bind (default: %(default)s, this machine only)")
-    serve.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (default: %(default)s)")
+    serve.add_argument("--port", type=int_in(1, 65535), default=DEFAULT_PORT, help="port (default: %(default)s)")
     add_runtime_options(serve)
-    serve.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_BYTES / 2**20, help="largest accepted upload in MiB (default: %(default)s)")
-    serve.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, help="most queries encoded together (default: %(default)s)")
+    serve.add_argument("--max-upload-mb", type=positive_float, default=DEFAULT_MAX_UPLOAD_BYTES / 2**20,
+                       help="largest accepted upload in MiB (default: %(default)s)")
+    serve.add_argument("--max-pixels", type=int_in(1), default=DEFAULT_MAX_PIXELS,
+                       help="largest upload in pixels (width x height) decoded (default: %(default)s)")
+    serve.add_argument("--max-decodes", type=int_in(1, 256), default=DEFAULT_MAX_DECODES,
+                       help="uploads decoded at once; the others wait (default: %(default)s)")
+    serve.add_argument("--max-batch", type=int_in(1, 1024), default=DEFAULT_MAX_BATCH,
+                       help="most queries encoded together (default: %(default)s)")
     serve.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"))
     serve.set_defaults(run=cmd_serve)

@@ -17,23 +17,18 @@ candidates, and removed from every other item's DBA neighbourhood. In leave-one-
 is a database item, so excluding its own id means no copy of the query ever helps rank it.
 
 The search is exact (brute force) over the transformed vectors: the HNSW graph of an index is
-built on the raw embeddings and would not match whitened or augmented ones.
+built on the raw embeddings and would not match whitened or augmented ones. The learned state is
+prepared in memory by the search service (fastret.service.search); search never writes it.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
-import zipfile
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from fastret.engine.index import Index
 from fastret.engine.metrics import leave_one_out_ranking
-from fastret.engine.retrieval import Hit
 from fastret.engine.tta import l2_normalise
 
 
@@ -370,95 +365,6 @@ def rerank_search(
         patch = patch_without(prepared, block_excludes[0], options.dba_alpha) if patched else NO_PATCH
         ids[rows], scores[rows] = rerank_rows(prepared, queries[rows], k, options, block_excludes, patch)
     return ids, scores
-
-
-# --- an on-disk index ----------------------------------------------------------------------------
-
-
-def state_file(version_dir: Path, options: RerankOptions) -> Path | None:
-    """Where the learned state of these options lives beside the index files (None: no state)."""
-    if not (options.pca_dim or options.dba_n):
-        return None
-    pca = f"pca{options.pca_dim}p{options.pca_power:g}" if options.pca_dim else "raw"
-    return Path(version_dir) / f"rerank-{pca}-dba{options.dba_n}.npz"
-
-
-def prepare_index(index: Index, options: RerankOptions, version_dir: Path | None = None) -> PreparedDatabase:
-    """prepare_database for an index, reusing (or saving) the learned state beside its files.
-
-    The state (whitening mean + projection, DBA neighbour ids) is a derived cache in an extra
-    file of the index version directory: the index format and its manifest are untouched, a
-    new index version starts without it, and a read-only index just recomputes it.
-    """
-    path = state_file(version_dir, options) if version_dir is not None else None
-    saved = _load_state(path, index.embeddings.shape) if path is not None and path.is_file() else None
-    if saved is not None:
-        whitening, neighbours = saved
-        prepared = prepare_database(index.embeddings, options, whitening=whitening, neighbours=neighbours)
-        if prepared.whitening is whitening and prepared.neighbours is neighbours:
-            return prepared
-    prepared = prepare_database(index.embeddings, options)  # a missing or damaged cache is remade
-    if path is not None:
-        _save_state(path, prepared)
-    return prepared
-
-
-def _load_state(path: Path, shape: tuple[int, int]) -> tuple[PcaWhitening | None, np.ndarray | None] | None:
-    """The saved whitening and DBA neighbours, or None if the file is unreadable or does not fit."""
-    count, dim = shape
-    try:
-        with np.load(path, allow_pickle=False) as saved:
-            arrays = {name: saved[name] for name in saved.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
-        return None
-    whitening = neighbours = None
-    if "mean" in arrays or "projection" in arrays:
-        mean, projection = arrays.get("mean"), arrays.get("projection")
-        if mean is None or projection is None or mean.shape != (dim,) or projection.ndim != 2 or len(projection) != dim:
-            return None
-        whitening = PcaWhitening(mean, projection)
-    if "neighbours" in arrays:
-        neighbours = arrays["neighbours"]
-        if neighbours.ndim != 2 or len(neighbours) != count or neighbours.dtype.kind not in "iu" or (
-            neighbours.size and (neighbours.min() < 0 or neighbours.max() >= count)
-        ):
-            return None
-    return whitening, neighbours
-
-
-def _save_state(path: Path, prepared: PreparedDatabase) -> None:
-    arrays = {}
-    if prepared.whitening is not None:
-        arrays.update(mean=prepared.whitening.mean, projection=prepared.whitening.projection)
-    if prepared.neighbours is not None:
-        arrays["neighbours"] = prepared.neighbours
-    temporary: Path | None = None
-    try:
-        handle, name = tempfile.mkstemp(dir=path.parent, prefix=".tmp-rerank-", suffix=".npz")
-        temporary = Path(name)
-        with os.fdopen(handle, "wb") as stream:
-            np.savez(stream, **arrays)
-        os.replace(temporary, path)
-    except OSError:  # a read-only index: recompute next time
-        if temporary is not None:
-            temporary.unlink(missing_ok=True)
-
-
-def rerank_hits(
-    index: Index,
-    prepared: PreparedDatabase,
-    query: np.ndarray,
-    k: int,
-    options: RerankOptions,
-    exclude: frozenset[int] = frozenset(),
-) -> list[Hit]:
-    """Top-k hits of one query embedding through the re-ranking pipeline (scores: see rerank_one)."""
-    ids, scores = rerank_search(prepared, query, k, options, excludes=[exclude])
-    return [
-        Hit(rank=r + 1, item_id=int(i), path=index.items[i].path, label=index.items[i].label, score=float(v))
-        for r, (i, v) in enumerate(zip(ids[0], scores[0]))
-        if i >= 0
-    ]
 
 
 def rerank_ranker(prepared: PreparedDatabase, options: RerankOptions, *, leave_one_out: bool = False):

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import base64
+import os
 import time
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from fastret.engine.decode import ImageError, list_images, load_pixels
+from fastret.engine.decode import list_images
 from fastret.engine.encoders import Encoder
 from fastret.engine.index import HnswParams, Index, Item, build_hnsw
 from fastret.engine.pipeline import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS, EmbedResult, Skipped, embed_files
@@ -48,12 +51,53 @@ def build_index(
 class Hit:
     rank: int
     item_id: int
-    path: str
+    path: str  # as stored: undecodable bytes of the file name kept as surrogate escapes (os.fsdecode)
     label: str
     score: float
 
     def to_dict(self) -> dict:
-        return {"rank": self.rank, "id": self.item_id, "path": self.path, "label": self.label, "score": self.score}
+        """JSON-safe: `path` shown escaped when needed, its raw bytes then in `path_bytes_b64`."""
+        return {
+            "rank": self.rank,
+            "id": self.item_id,
+            "path": display_path(self.path),
+            "path_bytes_b64": raw_path_b64(self.path),
+            "label": display_path(self.label),
+            "score": self.score,
+        }
+
+
+def display_path(path: str) -> str:
+    """A path safe to print and to put in JSON: undecodable bytes as \\xNN, control characters
+    (a newline in a file name) as \\n, \\t or \\xNN; a plain path is returned unchanged."""
+    if _is_plain(path):
+        return path
+    text = os.fsencode(path).decode("utf-8", "backslashreplace")
+    return "".join(_CONTROL_ESCAPES.get(c, f"\\x{ord(c):02x}") if _is_control(c) else c for c in text)
+
+
+def raw_path_b64(path: str) -> str | None:
+    """Base64 of the file name's bytes when display_path had to escape it, else None."""
+    return None if _is_plain(path) else base64.b64encode(os.fsencode(path)).decode("ascii")
+
+
+_CONTROL_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _is_control(character: str) -> bool:
+    return unicodedata.category(character) in ("Cc", "Cs")
+
+
+def _is_plain(path: str) -> bool:
+    return not any(_is_control(c) for c in path)
+
+
+def hits_from(index: Index, ids: np.ndarray, scores: np.ndarray) -> list[Hit]:
+    """Ranked hits for one row of ids and scores; ids of -1 (padding) are dropped."""
+    return [
+        Hit(rank=r + 1, item_id=int(i), path=index.items[i].path, label=index.items[i].label, score=float(v))
+        for r, (i, v) in enumerate((i, v) for i, v in zip(ids, scores) if i >= 0)
+    ]
 
 
 def softmax_over_database(
@@ -74,21 +118,19 @@ def rank_hits(
     k: int = 10,
     *,
     exact: bool = False,
+    ef: int | None = None,
     score: str = "cosine",
     exclude: frozenset[int] = frozenset(),
 ) -> list[Hit]:
     """Top-k hits of one query embedding, scored by cosine or softmax, skipping `exclude` ids."""
     if score not in SCORES:
         raise ValueError(f"unknown score {score!r}: choose one of {', '.join(SCORES)}")
-    ids, cosines = index.search(query[None, :], k + len(exclude), exact=exact)
+    ids, cosines = index.search(query[None, :], k + len(exclude), exact=exact, ef=ef)
     keep = [j for j, i in enumerate(ids[0]) if int(i) not in exclude][:k]
     ids, values = ids[0][keep], cosines[0][keep]
     if score == "softmax":
         values = softmax_over_database(index, query, ids, exclude)
-    return [
-        Hit(rank=r + 1, item_id=int(i), path=index.items[i].path, label=index.items[i].label, score=float(v))
-        for r, (i, v) in enumerate(zip(ids, values))
-    ]
+    return hits_from(index, ids, values)
 
 
 def ids_of_file(index: Index, image: str | Path) -> frozenset[int]:
@@ -98,12 +140,3 @@ def ids_of_file(index: Index, image: str | Path) -> frozenset[int]:
     except ValueError:
         return frozenset()
     return frozenset(i for i, item in enumerate(index.items) if item.path == relative)
-
-
-def embed_query(encoder: Encoder, image: str | Path) -> np.ndarray:
-    """One query file -> its embedding (raises ImageError naming the file and the reason)."""
-    try:
-        pixels = load_pixels(image, encoder.info.preprocessing)
-    except ImageError as exc:
-        raise ImageError(f"{image}: {exc}") from None
-    return encoder.encode(pixels[None])[0]

@@ -9,13 +9,13 @@ from typing import Callable, Sequence
 
 from fastret.engine.decode import list_images
 from fastret.engine.encoders import describe_runtime
-from fastret.engine.evaluation import DEFAULT_KS, evaluate_embeddings, folder_labels, index_search
+from fastret.engine.evaluation import DEFAULT_KS, evaluate_embeddings, folder_labels
 from fastret.engine.index import Index
 from fastret.engine.pipeline import Skipped, embed_files
-from fastret.engine.rerank import RerankOptions, prepare_database, rerank_ranker
 from fastret.engine.retrieval import build_index
 from fastret.engine.tta import FlipAveragedEncoder
 from fastret.service.load import encoder_for_index, open_encoder
+from fastret.service.search import Retriever, SearchOptions
 
 
 def evaluate_folders(
@@ -28,17 +28,18 @@ def evaluate_folders(
     precision: str = "auto",
     threads: int | None = None,
     index_dir: str | Path | None = None,
-    exact: bool = False,
-    ef: int | None = None,
-    rerank: RerankOptions = RerankOptions(),
-    flip_tta: bool = False,
-    log: Callable[[str], None] = print,
+    options: SearchOptions = SearchOptions(),
+    log: Callable[[str], None] = lambda _: None,
 ) -> dict:
     """The whole evaluation from folders, timing model load, database, query embedding and search.
 
     queries_dir=None means leave-one-out over the database. With ``index_dir`` the database
     embeddings come from that index (which must have been built from ``db_dir``) and its model.
+    Rankings come from the search service with `options` (its k is unused: `ks` are the cut-offs);
+    with flip_tta, a database embedded here is flip-averaged too, an index's is as it was built.
     """
+    if index_dir is not None and model != "auto":
+        raise ValueError(f"--model {model}: an index is searched with the model that built it; drop --model or --index")
     db_dir = Path(db_dir).resolve()
     seconds: dict[str, float] = {}
     skipped: list[Skipped] = []
@@ -55,24 +56,21 @@ def evaluate_folders(
         seconds["index_load"] = _since(started)
         started = time.perf_counter()
         encoder = encoder_for_index(
-            index.model,
-            backend,
-            threads=threads,
-            precision=precision,
-            workload="throughput",
-            recorded=index.runtime,
-            log=log,
+            index.model, backend, threads=threads, precision=precision, workload="throughput",
+            recorded=index.runtime, log=log,
         )
-        encoder = FlipAveragedEncoder(encoder) if flip_tta else encoder  # queries only: the index is built
+        retriever = Retriever(index, encoder)
+        encoder = FlipAveragedEncoder(encoder) if options.flip_tta else encoder  # queries only: the index is built
         seconds["model_load"] = _since(started)
     else:
         encoder = open_encoder(
             model, backend, threads=threads, image_dir=db_dir, precision=precision, workload="throughput", log=log
         )
-        encoder = FlipAveragedEncoder(encoder) if flip_tta else encoder
+        encoder = FlipAveragedEncoder(encoder) if options.flip_tta else encoder
         seconds["model_load"] = _since(started)
         started = time.perf_counter()
         index, _ = build_index(db_dir, encoder, on_skip=on_skip)
+        retriever = Retriever(index, encoder)
         seconds["database_embedding"] = _since(started)
     if len(index) == 0:
         raise ValueError(f"{db_dir}: no image could be embedded")
@@ -88,19 +86,19 @@ def evaluate_folders(
         if not query_paths:
             raise ValueError(f"{queries_dir}: no query image could be embedded")
 
-    search = full_search = None
-    if rerank.active:  # exact search over the prepared vectors, for the top k and the mAP alike
+    full_search = None
+    if options.rerank.active:  # the mAP ranks the whole database in the re-ranked space too
         started = time.perf_counter()
-        prepared = prepare_database(index.embeddings, rerank)
+        retriever.prepared(options.rerank)
         seconds["rerank_prepare"] = _since(started)
-        search = full_search = rerank_ranker(prepared, rerank, leave_one_out=queries_dir is None)
+        full_search = retriever.ranker(options, leave_one_out=queries_dir is None)
     summary = evaluate_embeddings(
         index.embeddings,
         [item.label for item in index.items],
         query_embeddings,
         query_labels,
         ks,
-        search=search or index_search(index, exact=exact, ef=ef),
+        search=retriever.ranker(options, leave_one_out=queries_dir is None),
         full_search=full_search,
     )
     seconds["search"] = summary.pop("search_seconds")
@@ -110,9 +108,9 @@ def evaluate_folders(
         "queries_dir": None if queries_dir is None else str(Path(queries_dir).resolve()),
         "model": encoder.info.model_id,
         "backend": describe_runtime(encoder),
-        "search": "exact + re-ranking" if rerank.active else "exact" if exact or index.hnsw is None else _hnsw_description(index, ef),
-        "rerank": rerank.to_dict() if rerank.active else None,
-        "flip_tta": flip_tta,
+        "search": _describe_search(index, options),
+        "rerank": options.rerank.to_dict() if options.rerank.active else None,
+        "flip_tta": options.flip_tta,
         "db_images": len(index),
         "skipped": [skip.line() for skip in skipped],
         "seconds": seconds,
@@ -120,9 +118,11 @@ def evaluate_folders(
     }
 
 
-def _hnsw_description(index: Index, ef: int | None) -> str:
+def _describe_search(index: Index, options: SearchOptions) -> str:
+    if options.mode != "hnsw" or index.hnsw is None:
+        return "exact" if options.mode == "hnsw" else options.mode
     params = index.hnsw_params
-    return f"hnsw (M={params.M}, ef_construction={params.ef_construction}, ef={ef or params.ef_search})"
+    return f"hnsw (M={params.M}, ef_construction={params.ef_construction}, ef={options.ef or params.ef_search})"
 
 
 def _since(started: float) -> float:

@@ -167,7 +167,7 @@ def test_json_softmax_and_exact(wang1k, wang1k_index, capsys):
     query = wang1k / QUERY
     hnsw = json_results(capsys, query, "--index", wang1k_index)
     assert len(hnsw) == 10 and [hit["rank"] for hit in hnsw] == list(range(1, 11))
-    assert set(hnsw[0]) == {"rank", "id", "path", "label", "score"}
+    assert set(hnsw[0]) == {"rank", "id", "path", "path_bytes_b64", "label", "score"}
     assert all(hit["label"] == "buildings" for hit in hnsw)
     exact = json_results(capsys, query, "--index", wang1k_index, "--exact")
     assert [hit["path"] for hit in exact] == [hit["path"] for hit in hnsw]

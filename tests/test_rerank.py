@@ -261,14 +261,14 @@ def colour_index(tmp_path, monkeypatch):
     """An index of 12 flat-colour photos (reds and blues) made with MeanColourEncoder."""
     from PIL import Image
 
-    import fastret.cli.main as cli
+    import fastret.service.search as service
     from fastret.engine.decode import Preprocessing
     from fastret.engine.encoders import ModelInfo
     from fastret.engine.index import Index, Item
 
     info = ModelInfo("fake-mean-colour", "0" * 64, 3, Preprocessing(8, 8, "bilinear", (0.0,) * 3, (1.0,) * 3))
     encoder = MeanColourEncoder(info)
-    monkeypatch.setattr(cli, "encoder_for_index", lambda *args, **kwargs: encoder)
+    monkeypatch.setattr(service, "encoder_for_index", lambda *args, **kwargs: encoder)
     root = tmp_path / "gallery"
     rng = np.random.default_rng(9)
     items, pixels = [], []
@@ -285,28 +285,28 @@ def colour_index(tmp_path, monkeypatch):
     return root, tmp_path / "index"
 
 
-def test_search_flags_rerank_and_cache_the_learned_state(colour_index, capsys):
+def test_search_flags_rerank_and_write_nothing_into_the_index(colour_index, capsys):
     import json
 
     from fastret.cli.main import main
-    from fastret.engine.index import Index, live_version
+    from fastret.engine.index import Index
 
     root, index_dir = colour_index
+    before = sorted((p.relative_to(index_dir), p.stat().st_mtime_ns) for p in index_dir.rglob("*"))
     argv = ["search", str(root / "red" / "1.png"), "--index", str(index_dir), "--json", "-k", "5"]
     assert main([*argv, "--dba", "2", "--qe", "2", "--flip-tta"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["rerank"]["dba_n"] == 2 and report["rerank"]["qe_n"] == 2 and report["flip_tta"]
     assert [hit["label"] for hit in report["results"]] == ["red"] * 5
     assert "red/1.png" not in [hit["path"] for hit in report["results"]]
-    saved = list(live_version(index_dir).glob("rerank-*.npz"))
-    assert [p.name for p in saved] == ["rerank-raw-dba2.npz"]
     index = Index.load(index_dir)
     options = RerankOptions(dba_n=2, qe_n=2)
     ids, _ = rerank_search(prepare_database(index.embeddings, options), index.embeddings[1], 5, options,
                            excludes=[frozenset({1})])
     assert [hit["id"] for hit in report["results"]] == ids[0].tolist()
-    assert main([*argv, "--dba", "2", "--qe", "2"]) == 0  # second run reads the saved state
+    assert main([*argv, "--dba", "2", "--qe", "2"]) == 0  # the state is prepared in memory again, identically
     assert [hit["id"] for hit in json.loads(capsys.readouterr().out)["results"]] == ids[0].tolist()
+    assert sorted((p.relative_to(index_dir), p.stat().st_mtime_ns) for p in index_dir.rglob("*")) == before
     assert main([*argv]) == 0
     assert json.loads(capsys.readouterr().out)["rerank"] is None
     assert main([*argv, "--qe", "1", "--score", "softmax"]) == 2
@@ -364,11 +364,11 @@ def test_cli_flags_build_the_options():
     import argparse
     from dataclasses import replace
 
-    from fastret.cli.rerank_flags import add_rerank_options, rerank_options
+    from fastret.cli.options import add_search_options, rerank_options
     from fastret.engine.rerank import RECOMMENDED_RERANK
 
     parser = argparse.ArgumentParser()
-    add_rerank_options(parser)
+    add_search_options(parser)
 
     def options(*argv: str) -> RerankOptions:
         return rerank_options(parser.parse_args(list(argv)))
@@ -379,30 +379,3 @@ def test_cli_flags_build_the_options():
     assert options("--rerank", "--pca-power", "0.5").pca_power == 0.5
     assert options("--dba", "3", "--alpha", "2") == RerankOptions(dba_n=3, dba_alpha=2.0, qe_alpha=2.0)
     assert options("--pca", "64", "--kreciprocal") == RerankOptions(pca_dim=64, kreciprocal=True)
-
-
-def test_saved_state_is_reused_and_a_damaged_one_is_remade(tmp_path):
-    from fastret.engine.decode import Preprocessing
-    from fastret.engine.encoders import ModelInfo
-    from fastret.engine.index import Index, Item
-    from fastret.engine.rerank import prepare_index, state_file
-
-    info = ModelInfo("fake", "0" * 64, 6, Preprocessing(8, 8, "bilinear", (0.0,) * 3, (1.0,) * 3))
-    embeddings = unit_rows(30, 6, seed=13)
-    index = Index(info, "/nowhere", [Item(f"{i}.jpg", "x") for i in range(30)], embeddings)
-    options = RerankOptions(pca_dim=4, dba_n=3)
-    fresh = prepare_database(embeddings, options)
-    path = state_file(tmp_path, options)
-    assert path.name == "rerank-pca4p0-dba3.npz"
-    assert state_file(tmp_path, RerankOptions(qe_n=2)) is None  # nothing learned: nothing saved
-    for damage in (None, b"not a zip", b"PK\x03\x04 truncated"):
-        if damage is not None:
-            path.write_bytes(damage)
-        prepared = prepare_index(index, options, tmp_path)
-        np.testing.assert_allclose(prepared.vectors, fresh.vectors, atol=1e-6)
-        np.testing.assert_array_equal(prepared.neighbours, fresh.neighbours)
-        assert path.is_file() and path.read_bytes()[:2] == b"PK"
-    np.savez(path, neighbours=np.full((30, 4), 99))  # ids out of range: remade, not trusted
-    np.testing.assert_array_equal(prepare_index(index, options, tmp_path).neighbours, fresh.neighbours)
-    reused = prepare_index(index, options, tmp_path)  # from the file just rewritten
-    np.testing.assert_allclose(reused.vectors, fresh.vectors, atol=1e-6)

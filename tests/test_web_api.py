@@ -23,6 +23,7 @@ from fastret.engine.decode import Preprocessing, load_pixels  # noqa: E402
 from fastret.engine.encoders import ModelInfo  # noqa: E402
 from fastret.engine.index import FORMAT_VERSION, BadIndex  # noqa: E402
 from fastret.engine.retrieval import build_index  # noqa: E402
+from fastret.service.search import Retriever  # noqa: E402
 from fastret.web.app import create_app  # noqa: E402
 from fastret.web.batcher import MicroBatcher  # noqa: E402
 
@@ -86,7 +87,7 @@ def colour_index(gallery):
 
 @pytest.fixture()
 def client(colour_index):
-    with TestClient(create_app(colour_index, MeanColourEncoder(), max_upload_bytes=100_000)) as client:
+    with TestClient(create_app(Retriever(colour_index, MeanColourEncoder()), max_upload_bytes=100_000)) as client:
         yield client
 
 
@@ -119,7 +120,7 @@ def test_upload_search_ranks_the_query_colour_first(client):
     body = response.json()
     assert [hit["label"] for hit in body["results"]] == ["green"] * 3
     assert [hit["rank"] for hit in body["results"]] == [1, 2, 3]
-    assert set(body["results"][0]) == {"rank", "id", "path", "label", "score"}
+    assert set(body["results"][0]) == {"rank", "id", "path", "path_bytes_b64", "label", "score"}
     scores = [hit["score"] for hit in body["results"]]
     assert scores == sorted(scores, reverse=True) and scores[0] > 0.99
     assert body["query"] == "upload:q.jpg" and body["timing"]["batch_size"] >= 1
@@ -158,7 +159,7 @@ def test_bad_uploads_get_a_4xx_with_a_reason(client, data, status, reason):
 
 
 def test_decompression_bomb_is_refused(colour_index):
-    with TestClient(create_app(colour_index, MeanColourEncoder(), max_pixels=100 * 100)) as client:
+    with TestClient(create_app(Retriever(colour_index, MeanColourEncoder()), max_pixels=100 * 100)) as client:
         response = upload(client, solid_jpeg(COLOURS["red"], size=(101, 100)))
     assert response.status_code == 400
     assert "decompression bomb" in response.json()["detail"]
@@ -229,7 +230,7 @@ def test_item_replaced_by_an_escaping_symlink_after_indexing_is_not_served(colou
     victim.unlink()
     victim.symlink_to(tmp_path / "elsewhere.jpg")
     try:
-        with TestClient(create_app(colour_index, MeanColourEncoder())) as client:
+        with TestClient(create_app(Retriever(colour_index, MeanColourEncoder()))) as client:
             assert client.get(f"/items/{item_id(colour_index, 'green/1.jpg')}/image").status_code == 404
     finally:
         victim.unlink()
@@ -238,7 +239,7 @@ def test_item_replaced_by_an_escaping_symlink_after_indexing_is_not_served(colou
 
 def test_encoder_of_another_model_is_refused(colour_index):
     with pytest.raises(BadIndex, match="re-index"):
-        create_app(colour_index, MeanColourEncoder(model_id="another-model"))
+        create_app(Retriever(colour_index, MeanColourEncoder(model_id="another-model")))
 
 
 def test_openapi_schema_lists_the_endpoints(client):
@@ -256,7 +257,7 @@ def test_page_and_its_assets_are_served(client):
 def test_concurrent_uploads_are_batched_and_each_gets_its_own_results(colour_index):
     """24 queries at once through a slow encoder: fewer encoder calls, every answer its own colour."""
     encoder = MeanColourEncoder(delay_s=0.05)
-    app = create_app(colour_index, encoder)
+    app = create_app(Retriever(colour_index, encoder))
     names = list(COLOURS) * 6
 
     async def run_all():
@@ -311,7 +312,7 @@ def test_concurrent_wang1k_uploads_find_themselves_with_the_real_model(wang1k, b
         for path in sorted((wang1k / name).glob("*.jpg"))[:3]:
             (tmp_path / name / path.name).write_bytes(path.read_bytes())
     index, _ = build_index(tmp_path, bundled_onnx, workers=0)
-    app = create_app(index, bundled_onnx)
+    app = create_app(Retriever(index, bundled_onnx))
     queries = [p for p in sorted(tmp_path.rglob("*.jpg"))]
 
     async def run_all():

@@ -36,12 +36,13 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not 
 def wang1k_server(wang1k, bundled_onnx):
     """(base URL, index): the web app over wang1k indexed with the bundled model, on a free loopback port."""
     from fastret.engine.retrieval import build_index
+    from fastret.service.search import Retriever
     from fastret.web.app import create_app
 
     index, _ = build_index(wang1k, bundled_onnx)
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(index, bundled_onnx), log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(create_app(Retriever(index, bundled_onnx)), log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

@@ -1,7 +1,8 @@
-"""The FastAPI app: a search page plus a JSON API over one loaded index and its encoder.
+"""The FastAPI app: a search page plus a JSON API over the search service (one index and its encoder).
 
-Requests run concurrently: uploads are decoded in the threadpool, encoded by a MicroBatcher
-(one encoder call for the queries that arrive together), then searched in the threadpool.
+Requests run concurrently: uploads are decoded in the threadpool (at most `max_decodes` at once),
+encoded by a MicroBatcher (one encoder call for the queries that arrive together), then searched
+in the threadpool by the Retriever, which gives every option the meaning it has in the CLI.
 """
 
 from __future__ import annotations
@@ -10,29 +11,28 @@ import asyncio
 import io
 import time
 from contextlib import asynccontextmanager
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import numpy as np
-from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
+from fastapi import Depends, FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 
 from fastret import __version__
-from fastret.engine.decode import DEFAULT_MAX_PIXELS, ImageError, load_pixels
-from fastret.engine.encoders import Encoder
-from fastret.engine.index import FORMAT_VERSION, Index
-from fastret.engine.retrieval import SCORES, rank_hits
-from fastret.web import DEFAULT_MAX_UPLOAD_BYTES
+from fastret.engine.decode import DEFAULT_MAX_PIXELS, ImageError
+from fastret.engine.index import FORMAT_VERSION
+from fastret.engine.retrieval import SCORES, Hit, display_path
+from fastret.service.search import MAX_K, Retriever, SearchOptions, combine_views, query_views, rerank_request
+from fastret.web import DEFAULT_MAX_DECODES, DEFAULT_MAX_UPLOAD_BYTES
 from fastret.web.batcher import DEFAULT_MAX_BATCH, MicroBatcher
 from fastret.web.items import ItemNotFound, item_file, parse_item_id, thumbnail_jpeg
 
 STATIC = Path(__file__).parent / "static"
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
-MAX_K = 1000
 ScoreName = Literal[SCORES]  # type: ignore[valid-type]  # "cosine" | "softmax"
 THUMBNAIL_CACHE_ITEMS = 4096
 SECURITY_HEADERS = {
@@ -45,9 +45,21 @@ SECURITY_HEADERS = {
 class HitOut(BaseModel):
     rank: int
     id: int
-    path: str  # relative to the index root
+    path: str  # relative to the index root; undecodable bytes and control characters escaped (\\xNN, \\n)
+    path_bytes_b64: str | None  # the file name's raw bytes (base64) when `path` had to be escaped
     label: str
     score: float
+
+
+class Problem(BaseModel):
+    detail: str  # one line saying what was wrong
+
+
+ERRORS = {
+    400: {"model": Problem, "description": "the query or an option cannot be used"},
+    404: {"model": Problem, "description": "no such item"},
+    413: {"model": Problem, "description": "the upload is too large"},
+}
 
 
 class Timing(BaseModel):
@@ -64,7 +76,12 @@ class SearchOut(BaseModel):
     backend: str
     k: int
     exact: bool
+    ef: int | None
     score: ScoreName
+    rerank: dict | None  # the re-ranking steps that ran (None: plain ranking)
+    flip_tta: bool
+    include_self: bool
+    search: str  # "hnsw", "exact" or "exact + re-ranking"
     results: list[HitOut]
     timing: Timing
 
@@ -115,16 +132,21 @@ class BodyTooLarge:
 
 
 def create_app(
-    index: Index,
-    encoder: Encoder,
+    retriever: Retriever,
     *,
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_batch: int = DEFAULT_MAX_BATCH,
+    max_decodes: int = DEFAULT_MAX_DECODES,
 ) -> FastAPI:
-    """The app for one index; the encoder must be the one the index was built with."""
-    index.check_model(encoder.info)
+    """The app over one search service, which must hold an encoder (uploads are embedded)."""
+    if retriever.encoder is None:
+        raise ValueError("the web app embeds uploads: open the search service with its encoder")
+    if max_decodes < 1:
+        raise ValueError(f"max_decodes must be >= 1, got {max_decodes}")
+    index, encoder = retriever.index, retriever.encoder
     batcher = MicroBatcher(encoder, max_batch)
+    decode_slots = asyncio.Semaphore(max_decodes)  # bounds the memory of uploads decoded at once
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -147,18 +169,17 @@ def create_app(
         response.headers.update(SECURITY_HEADERS)
         return response
 
-    async def ranked(query: np.ndarray, name: str, k: int, exact: bool, score: str, exclude: frozenset[int],
-                     stamps: list[float], batch_size: int) -> SearchOut:
-        """Rank in the threadpool; stamps are perf_counter() at start, decoded and encoded."""
-        hits = await run_in_threadpool(rank_hits, index, query, k, exact=exact, score=score, exclude=exclude)
+    async def ranked(search: Callable[[], list[Hit]], name: str, options: SearchOptions, stamps: list[float],
+                     batch_size: int) -> SearchOut:
+        """Run the search in the threadpool; stamps are perf_counter() at start, decoded and encoded."""
+        hits = await run_in_threadpool(search)
         started, decoded, encoded, finished = *stamps, time.perf_counter()
+        described = options.to_dict()
         return SearchOut(
             query=name,
             model=index.model.model_id,
             backend=encoder.backend,
-            k=k,
-            exact=exact,
-            score=score,
+            **{key: described[key] for key in ("k", "exact", "ef", "score", "rerank", "flip_tta", "include_self", "search")},
             results=[HitOut(**hit.to_dict()) for hit in hits],
             timing=Timing(
                 decode_ms=round(1000 * (decoded - started), 2),
@@ -175,7 +196,7 @@ def create_app(
         if len(data) > max_upload_bytes:
             raise HTTPException(413, f"{filename}: {len(data):,} bytes exceeds the {max_upload_bytes:,}-byte limit")
         try:
-            return load_pixels(io.BytesIO(data), index.model.preprocessing, max_pixels=max_pixels)
+            return retriever.decode(io.BytesIO(data), max_pixels=max_pixels)
         except ImageError as exc:
             raise HTTPException(400, f"{filename}: {exc}") from None
         except Exception as exc:  # a hostile file must not reach a 500: Pillow plugins raise odd types
@@ -194,50 +215,68 @@ def create_app(
         except (ItemNotFound, ImageError) as exc:
             raise HTTPException(404, f"item {item_id}: {exc}") from None
 
-    K = Query(10, ge=1, le=MAX_K, description="number of results")
-    EXACT = Query(False, description="brute-force search instead of HNSW")
-    SCORE = Query("cosine", description="cosine similarity, or softmax probability over the database")
+    def search_options(
+        k: int = Query(10, ge=1, le=MAX_K, description="number of results"),
+        exact: bool = Query(False, description="brute-force search instead of HNSW"),
+        ef: int | None = Query(None, ge=1, le=100_000, description="HNSW ef at query time (default: the index's)"),
+        score: ScoreName = Query("cosine", description="cosine similarity, or softmax probability over the database"),
+        rerank: bool = Query(False, description="the recommended re-ranking (PCA + DBA + alpha-QE), as `--rerank`"),
+        pca: int | None = Query(None, ge=1, le=100_000, description="PCA to this many dimensions"),
+        pca_power: float | None = Query(None, ge=0, le=1, description="0 plain PCA, 0.5 full whitening"),
+        dba: int | None = Query(None, ge=0, le=1000, description="database-side augmentation with N neighbours"),
+        qe: int | None = Query(None, ge=0, le=1000, description="alpha query expansion with the top N results"),
+        alpha: float | None = Query(None, ge=0, le=100, description="DBA / QE neighbour weight exponent"),
+        kreciprocal: bool = Query(False, description="k-reciprocal re-ranking of the top 100"),
+        flip_tta: bool = Query(False, description="average the query's embedding with its mirror image's"),
+        include_self: bool = Query(False, description="item queries: keep the item itself in the results"),
+    ) -> SearchOptions:
+        """The same options as `fastret search`, refused with 400 where they do not combine."""
+        try:
+            return SearchOptions(
+                k=k, exact=exact, ef=ef, score=score, flip_tta=flip_tta, include_self=include_self,
+                rerank=rerank_request(rerank, pca_dim=pca, pca_power=pca_power, dba_n=dba, qe_n=qe, alpha=alpha,
+                                      kreciprocal=kreciprocal or None),
+            )
+        except ValueError as exc:
+            raise HTTPException(400, str(exc)) from None
 
-    @app.post("/search", response_model=SearchOut, summary="Search with an uploaded image (multipart field `image`)")
+    @app.post("/search", response_model=SearchOut, responses=ERRORS,
+              summary="Search with an uploaded image (multipart field `image`)")
     async def search_upload(
-        image: UploadFile = File(..., description="query image (JPEG, PNG, WebP, ...)"),
-        k: int = K,
-        exact: bool = EXACT,
-        score: ScoreName = SCORE,
+        image: UploadFile = File(..., description="query image (JPEG, PNG, WebP, GIF, TIFF, BMP)"),
+        options: SearchOptions = Depends(search_options),
     ) -> SearchOut:
         stamps = [time.perf_counter()]
         data = await image.read(max_upload_bytes + 1)
-        name = image.filename or "upload"
-        pixels = await run_in_threadpool(decode_upload, data, name)
+        name = display_path(image.filename or "upload")
+        async with decode_slots:
+            pixels = await run_in_threadpool(decode_upload, data, name)
         stamps.append(time.perf_counter())
-        encoded = await asyncio.wrap_future(batcher.submit(pixels))
+        views = [await asyncio.wrap_future(batcher.submit(view[0])) for view in query_views(pixels[None], options.flip_tta)]
+        embedding = combine_views([view.embedding[None] for view in views])[0]
         stamps.append(time.perf_counter())
-        return await ranked(encoded.embedding, f"upload:{name}", k, exact, score, frozenset(), stamps, encoded.batch_size)
+        search = partial(retriever.search_vector, embedding, options)
+        return await ranked(search, f"upload:{name}", options, stamps, views[0].batch_size)
 
     @app.post(
         "/search/item/{item_id}",
         response_model=SearchOut,
-        summary="Search with an indexed item (its stored embedding); the item itself is left out",
+        responses=ERRORS,
+        summary="Search with an indexed item (its stored embedding); the item itself is left out unless include_self",
     )
-    async def search_item(
-        item_id: str,
-        k: int = K,
-        exact: bool = EXACT,
-        score: ScoreName = SCORE,
-    ) -> SearchOut:
+    async def search_item(item_id: str, options: SearchOptions = Depends(search_options)) -> SearchOut:
         started = time.perf_counter()
         found = find_item(item_id)
-        query = index.embeddings[found]
-        return await ranked(query, f"item:{found}", k, exact, score, frozenset({found}), [started] * 3, 0)
+        return await ranked(partial(retriever.search_item, found, options), f"item:{found}", options, [started] * 3, 0)
 
     @app.get("/items/{item_id}/thumbnail", summary="JPEG thumbnail (at most 256 px) of an indexed item",
-             response_class=Response, responses={200: {"content": {"image/jpeg": {}}}, 404: {}})
+             response_class=Response, responses={200: {"content": {"image/jpeg": {}}}, 404: ERRORS[404]})
     async def thumbnail(item_id: str) -> Response:
         jpeg = await run_in_threadpool(cached_thumbnail, find_item(item_id))
         return Response(jpeg, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=60"})
 
     @app.get("/items/{item_id}/image", summary="The original file of an indexed item",
-             response_class=FileResponse, responses={404: {}})
+             response_class=FileResponse, responses={404: ERRORS[404]})
     async def original(item_id: str) -> FileResponse:
         found = find_item(item_id)
         try:

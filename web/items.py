@@ -16,6 +16,7 @@ from fastret.engine.decode import IMAGE_SUFFIXES, ImageError, open_image, to_rgb
 from fastret.engine.index import Index
 
 THUMBNAIL_SIZE = 256
+MAX_ID_DIGITS = 19  # ids are int64: a longer string is no item, and int() of thousands of digits is refused
 
 
 class ItemNotFound(Exception):
@@ -24,8 +25,9 @@ class ItemNotFound(Exception):
 
 def parse_item_id(index: Index, raw: str) -> int:
     """A decimal item id within the index, or ItemNotFound (never an arbitrary string)."""
-    if not (raw.isascii() and raw.isdigit()) or int(raw) >= len(index):
-        raise ItemNotFound(f"no item {raw!r} in the index ({len(index)} items)")
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > MAX_ID_DIGITS or int(raw) >= len(index):
+        shown = raw if len(raw) <= MAX_ID_DIGITS else raw[:MAX_ID_DIGITS] + "…"
+        raise ItemNotFound(f"no item {shown!r} in the index ({len(index)} items)")
     return int(raw)
 
 

@@ -1,0 +1,205 @@
+"""The search service: one index, its encoder and every search option, for every front end.
+
+`fastret search`, `fastret serve` (all its endpoints) and `fastret eval` go through a Retriever,
+so an option (k, exact, ef, score, re-ranking, flip averaging, include-self) means the same
+everywhere. It only reads: re-ranking state is prepared in memory, never written to the index.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from fastret.engine.decode import ImageError, load_pixels
+from fastret.engine.encoders import Encoder, describe_runtime
+from fastret.engine.index import Index
+from fastret.engine.evaluation import index_search
+from fastret.engine.rerank import RECOMMENDED_RERANK, PreparedDatabase, RerankOptions, prepare_database, rerank_ranker, rerank_search
+from fastret.engine.retrieval import SCORES, Hit, hits_from, ids_of_file, rank_hits
+from fastret.engine.tta import average_views, flip_horizontal
+from fastret.service.load import encoder_for_index
+
+MAX_K = 1000
+"""Most results one query may ask for: bounds the work (and the response) of a single request."""
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    """What a search asks for; invalid combinations raise ValueError before any work."""
+
+    k: int = 10
+    exact: bool = False  # brute force instead of the HNSW graph
+    ef: int | None = None  # HNSW ef at query time (None: the index's)
+    score: str = "cosine"  # or "softmax" over the database (plain ranking only)
+    rerank: RerankOptions = field(default_factory=RerankOptions)
+    flip_tta: bool = False  # average the query's embedding with its mirror image's
+    include_self: bool = False  # keep the query's own item (a file of the index, or an item query)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.k <= MAX_K:
+            raise ValueError(f"k must be between 1 and {MAX_K}, got {self.k}")
+        if self.ef is not None and self.ef < 1:
+            raise ValueError(f"ef must be a positive number, got {self.ef}")
+        if self.score not in SCORES:
+            raise ValueError(f"unknown score {self.score!r}: choose one of {', '.join(SCORES)}")
+        if self.rerank.active and self.score != "cosine":
+            raise ValueError(
+                "score softmax does not combine with re-ranking (--rerank, --pca, --dba, --qe, --kreciprocal): "
+                "its probabilities are over plain cosines"
+            )
+
+    @property
+    def mode(self) -> str:
+        """How the ranking is computed, for reports: 'hnsw', 'exact' or 'exact + re-ranking'."""
+        if self.rerank.active:
+            return "exact + re-ranking"  # the graph is built on the raw embeddings (BENCHMARKS.md)
+        return "exact" if self.exact else "hnsw"
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "rerank": self.rerank.to_dict() if self.rerank.active else None, "search": self.mode}
+
+
+def rerank_request(
+    recommended: bool = False,
+    *,
+    pca_dim: int | None = None,
+    pca_power: float | None = None,
+    dba_n: int | None = None,
+    qe_n: int | None = None,
+    alpha: float | None = None,
+    kreciprocal: bool | None = None,
+) -> RerankOptions:
+    """Re-ranking as front ends ask for it: the recommended set when `recommended`, else none,
+    then each given step overrides (one alpha weights both DBA and QE)."""
+    given = {
+        "pca_dim": pca_dim,
+        "pca_power": pca_power,
+        "dba_n": dba_n,
+        "qe_n": qe_n,
+        "dba_alpha": alpha,
+        "qe_alpha": alpha,
+        "kreciprocal": kreciprocal,
+    }
+    base = RECOMMENDED_RERANK if recommended else RerankOptions()
+    return replace(base, **{name: value for name, value in given.items() if value is not None})
+
+
+class Retriever:
+    """An index plus the encoder it was built with; answers image, vector and item queries."""
+
+    def __init__(self, index: Index, encoder: Encoder | None = None, *, version: Path | None = None) -> None:
+        if encoder is not None:
+            index.check_model(encoder.info)
+        self.index = index
+        self.encoder = encoder
+        self.version = version
+        self._prepared: dict[tuple, PreparedDatabase] = {}
+        self._prepare_lock = threading.Lock()
+
+    @classmethod
+    def open(
+        cls,
+        index_dir: str | Path,
+        *,
+        backend: str = "auto",
+        precision: str = "auto",
+        threads: int | None = None,
+        workload: str = "latency",
+        log: Callable[[str], None] = lambda _: None,
+    ) -> "Retriever":
+        """Load the live version of an index and open the encoder that embedded it."""
+        from fastret.engine.index import live_version
+
+        version = live_version(index_dir)
+        index = Index.load(index_dir)
+        encoder = encoder_for_index(
+            index.model, backend, threads=threads, precision=precision, workload=workload,
+            recorded=index.runtime, log=log,
+        )
+        return cls(index, encoder, version=version)
+
+    @property
+    def runtime(self) -> str:
+        return describe_runtime(self.encoder) if self.encoder is not None else "none"
+
+    # --- embedding queries ------------------------------------------------------------------
+
+    def decode(self, source, *, max_pixels: int | None = None) -> np.ndarray:
+        """One query file (or an in-memory upload) -> its (H, W, 3) uint8 crop; raises ImageError."""
+        extra = {"max_pixels": max_pixels} if max_pixels is not None else {}
+        return load_pixels(source, self.index.model.preprocessing, **extra)
+
+    def embed(self, crops: np.ndarray, *, flip_tta: bool = False) -> np.ndarray:
+        """(N, H, W, 3) crops -> (N, D) query embeddings in the index's space."""
+        if self.encoder is None:
+            raise ValueError("this search service has no encoder: it answers vector and item queries only")
+        return combine_views([self.encoder.encode(view) for view in query_views(crops, flip_tta)])
+
+    # --- searching --------------------------------------------------------------------------
+
+    def search_vectors(
+        self, queries: np.ndarray, options: SearchOptions, excludes: Sequence[frozenset[int]] | None = None
+    ) -> list[list[Hit]]:
+        """Hits for each query row; `excludes[i]` are item ids treated as absent for query i."""
+        queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
+        excludes = list(excludes) if excludes is not None else [frozenset()] * len(queries)
+        if options.rerank.active:
+            ids, scores = rerank_search(self.prepared(options.rerank), queries, options.k, options.rerank, excludes)
+            return [hits_from(self.index, row_ids, row_scores) for row_ids, row_scores in zip(ids, scores)]
+        return [
+            rank_hits(self.index, query, options.k, exact=options.exact, ef=options.ef, score=options.score,
+                      exclude=exclude)
+            for query, exclude in zip(queries, excludes)
+        ]
+
+    def search_vector(self, query: np.ndarray, options: SearchOptions, exclude: frozenset[int] = frozenset()) -> list[Hit]:
+        return self.search_vectors(query[None, :], options, [exclude])[0]
+
+    def search_file(self, path: str | Path, options: SearchOptions) -> list[Hit]:
+        """A query image on disk; a file of the index does not find itself unless include_self."""
+        try:
+            crop = self.decode(path)
+        except ImageError as exc:
+            raise ImageError(f"{path}: {exc}") from None
+        query = self.embed(crop[None], flip_tta=options.flip_tta)[0]
+        exclude = frozenset() if options.include_self else ids_of_file(self.index, path)
+        return self.search_vector(query, options, exclude)
+
+    def search_item(self, item_id: int, options: SearchOptions) -> list[Hit]:
+        """An indexed item's stored embedding as the query; the item itself left out unless include_self."""
+        if not 0 <= item_id < len(self.index):
+            raise ValueError(f"no item {item_id} in the index ({len(self.index)} items)")
+        exclude = frozenset() if options.include_self else frozenset({item_id})
+        return self.search_vector(np.asarray(self.index.embeddings[item_id]), options, exclude)
+
+    def ranker(self, options: SearchOptions, *, leave_one_out: bool = False) -> Callable[[np.ndarray, int], np.ndarray]:
+        """The search of these options as engine.evaluation wants it: (queries, k) -> (Q, k) ids.
+
+        With leave_one_out, query row i is item i: plain search drops it afterwards (evaluation's
+        drop_self); re-ranking treats it as absent, so it never helps rank itself.
+        """
+        if options.rerank.active:
+            return rerank_ranker(self.prepared(options.rerank), options.rerank, leave_one_out=leave_one_out)
+        return index_search(self.index, exact=options.exact, ef=options.ef)
+
+    def prepared(self, rerank: RerankOptions) -> PreparedDatabase:
+        """The database in the re-ranking space of these options, prepared once per process."""
+        key = (rerank.pca_dim, rerank.pca_power, rerank.dba_n, rerank.dba_alpha)
+        with self._prepare_lock:
+            if key not in self._prepared:
+                self._prepared[key] = prepare_database(self.index.embeddings, rerank)
+            return self._prepared[key]
+
+
+def query_views(crops: np.ndarray, flip_tta: bool) -> list[np.ndarray]:
+    """The crops an encoder must see for these queries: the images, and their mirrors with flip_tta."""
+    return [crops, flip_horizontal(crops)] if flip_tta else [crops]
+
+
+def combine_views(embeddings: list[np.ndarray]) -> np.ndarray:
+    """(N, D) query embeddings from the embeddings of each view (one view: as it is)."""
+    return embeddings[0] if len(embeddings) == 1 else average_views(*embeddings)
