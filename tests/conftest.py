@@ -32,6 +32,17 @@ def animals10() -> Path:
     return require_dir(ANIMALS)
 
 
+@pytest.fixture(scope="session")
+def wang1k_index(wang1k, tmp_path_factory) -> Path:
+    """wang1k indexed by `fastret index` with the ONNX Runtime fp32 encoder (the bundled model as exported)."""
+    from fastret.cli.main import main
+
+    out = tmp_path_factory.mktemp("wang1k") / "index"
+    argv = ["index", str(wang1k), "--model", "efficientnet-lite2", "--backend", "onnxruntime", "--out", str(out), "-q"]
+    assert main(argv) == 0
+    return out
+
+
 @pytest.fixture(scope="session", autouse=True)
 def model_cache(tmp_path_factory) -> Path:
     """One export cache for the whole session, never the user's ~/.cache."""

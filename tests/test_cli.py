@@ -121,15 +121,6 @@ def test_search_with_a_missing_index_as_a_process(tmp_path):
 # --- end to end on wang1k -------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def wang1k_index(wang1k, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("wang1k") / "index"
-    # The ONNX Runtime fp32 encoder, so the P@10 below measures the bundled model as exported.
-    argv = ["index", str(wang1k), "--model", "efficientnet-lite2", "--backend", "onnxruntime", "--out", str(out), "-q"]
-    assert main(argv) == 0
-    return out
-
-
 @pytest.mark.data
 def test_wang1k_index_holds_every_photo(wang1k_index):
     index = Index.load(wang1k_index)
