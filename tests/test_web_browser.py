@@ -34,7 +34,7 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not 
 
 @pytest.fixture(scope="session")
 def wang1k_server(wang1k, bundled_onnx):
-    """(base URL, index): the web app over wang1k indexed with the bundled model, on a free loopback port."""
+    """(base URL, search service): the web app over wang1k indexed with the bundled model, on a free loopback port."""
     from fastret.engine.retrieval import build_index
     from fastret.service.search import Retriever
     from fastret.web.app import create_app
@@ -42,14 +42,15 @@ def wang1k_server(wang1k, bundled_onnx):
     index, _ = build_index(wang1k, bundled_onnx)
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(Retriever(index, bundled_onnx)), log_level="warning"))
+    retriever = Retriever(index, bundled_onnx)
+    server = uvicorn.Server(uvicorn.Config(create_app(retriever), log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
     while not server.started:
         assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{listener.getsockname()[1]}", index
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}", retriever
     server.should_exit = True
     thread.join(timeout=10)
     listener.close()
@@ -105,6 +106,22 @@ def test_upload_shows_ten_buildings_and_click_searches_again(wang1k_server, brow
     assert errors == []
 
 
+def test_rerank_box_gives_the_search_services_reranked_results(wang1k_server, browser, wang1k):
+    from fastret.engine.rerank import RECOMMENDED_RERANK
+    from fastret.service.search import SearchOptions
+
+    url, retriever = wang1k_server
+    page = browser.new_page()
+    page.goto(url)
+    page.check("#rerank")
+    page.set_input_files("#file", str(wang1k / "buildings" / "299.jpg"))
+    page.wait_for_function("() => document.getElementById('status').textContent.includes('re-ranking')")
+    wait_for_results(page, 10)
+    expected = retriever.search_file(wang1k / "buildings" / "299.jpg",
+                                     SearchOptions(rerank=RECOMMENDED_RERANK, include_self=True))
+    assert page.locator("#results .path").all_text_contents() == [hit.path for hit in expected]
+
+
 # An indexed photo fetched by the page and handed to it as a dropped or pasted file.
 SEND_FILE_AS = """async ([id, how]) => {
     const blob = await (await fetch(`/items/${id}/image`)).blob();
@@ -119,11 +136,11 @@ SEND_FILE_AS = """async ([id, how]) => {
 
 @pytest.mark.parametrize(("item", "how"), [(5, "drop"), (750, "paste")])
 def test_dropped_or_pasted_image_is_searched(wang1k_server, browser, item, how):
-    url, index = wang1k_server
+    url, retriever = wang1k_server
     page = browser.new_page()
     page.goto(url)
     page.evaluate(SEND_FILE_AS, [item, how])
     wait_for_results(page, 10)
     assert page.locator("#query-name").text_content() == "query.jpg"
-    assert page.locator("#results .path").first.text_content() == index.items[item].path
+    assert page.locator("#results .path").first.text_content() == retriever.index.items[item].path
     assert float(page.locator("#results .score").first.text_content()) == pytest.approx(1.0, abs=2e-3)

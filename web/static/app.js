@@ -5,7 +5,10 @@ const $ = (id) => document.getElementById(id);
 let lastQuery = null; // {kind: "upload", file} or {kind: "item", id, path}
 
 function options() {
-  const params = new URLSearchParams({ k: $("k").value, score: $("score").value, exact: $("exact").checked });
+  const params = new URLSearchParams({
+    k: $("k").value, score: $("score").value, exact: $("exact").checked,
+    rerank: $("rerank").checked, flip_tta: $("flip").checked,
+  });
   return params.toString();
 }
 
@@ -77,7 +80,7 @@ function render(data) {
   const t = data.timing;
   const ms = (value) => value.toFixed(1);
   const parts = [`decode ${ms(t.decode_ms)}`, `encode ${ms(t.encode_ms)}`, `search ${ms(t.search_ms)}`];
-  setStatus(`${data.results.length} results in ${ms(t.total_ms)} ms (${parts.join(" + ")} ms) · ${data.exact ? "exact" : "HNSW"} · ${data.score}`);
+  setStatus(`${data.results.length} results in ${ms(t.total_ms)} ms (${parts.join(" + ")} ms) · ${data.search} · ${data.score}`);
 }
 
 function firstImage(items) {
