@@ -13,7 +13,7 @@ from fastret.cli import evaluate, serve
 from fastret.cli.options import add_runtime_options, add_search_options, int_in, search_options
 from fastret.engine.decode import ImageError
 from fastret.engine.encoders import describe_runtime
-from fastret.engine.index import BadIndex, HnswParams, default_index_dir
+from fastret.engine.index import BadIndex, HnswParams, Index, default_index_dir, index_writer_lock, verify_index
 from fastret.engine.pipeline import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS
 from fastret.engine.retrieval import SCORES, build_index, display_path
 from fastret.export.models import ModelNotFound
@@ -38,36 +38,53 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_index(args: argparse.Namespace) -> int:
-    encoder = open_encoder(
-        args.model,
-        args.backend,
-        threads=args.threads,
-        image_dir=Path(args.dir),
-        precision=args.precision,
-        workload="throughput",
-        log=log,
-    )
-    log(f"indexing {args.dir} with {encoder.info.model_id} on {describe_runtime(encoder)}")
-    index, result = build_index(
-        args.dir,
-        encoder,
-        batch_size=args.batch_size,
-        workers=args.workers,
-        draft=not args.no_draft,
-        hnsw_params=HnswParams(M=args.hnsw_m, ef_construction=args.ef_construction, ef_search=args.ef_search),
-        progress=not args.quiet,
-        on_skip=lambda skip: log(skip.line()),
-    )
-    if len(index) == 0:
-        log(f"fastret: error: no image in {args.dir} could be indexed ({len(result.skipped)} skipped)")
-        return 1
-    version = index.save(args.out)
+    root = Path(args.dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: not a directory")
+    # The whole job holds the index's writer lock: a second writer waits (or, --no-wait, fails) before any work.
+    with index_writer_lock(args.out, wait=not args.no_wait, on_wait=log):
+        encoder = open_encoder(
+            args.model,
+            args.backend,
+            threads=args.threads,
+            image_dir=root,
+            precision=args.precision,
+            workload="throughput",
+            log=log,
+        )
+        log(f"indexing {root} with {encoder.info.model_id} on {describe_runtime(encoder)}")
+        index, result = build_index(
+            root,
+            encoder,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            draft=not args.no_draft,
+            hnsw_params=HnswParams(M=args.hnsw_m, ef_construction=args.ef_construction, ef_search=args.ef_search),
+            progress=not args.quiet,
+            on_skip=lambda skip: log(skip.line()),
+        )
+        if len(index) == 0:
+            log(f"fastret: error: no image in {root} could be indexed ({len(result.skipped)} skipped)")
+            return 1
+        version = index.save(args.out)
     seconds = result.stage_seconds
     log(
         f"indexed {len(index)} images, skipped {len(result.skipped)}, in {seconds['total']:.1f} s "
         f"({result.images_per_second:.1f} images/s; encoder busy {seconds['encode']:.1f} s, "
         f"HNSW {seconds['hnsw_build']:.2f} s) -> {args.out} ({version.name})"
     )
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    problems = verify_index(args.index)
+    for problem in problems:
+        print(f"{display_path(str(args.index))}: {problem}")
+    if problems:
+        log(f"fastret: error: {args.index} is damaged ({len(problems)} problems); rebuild it with `fastret index DIR --out {args.index}`")
+        return 1
+    index = Index.load(args.index)
+    print(f"{display_path(str(args.index))}: ok, {len(index)} items, every checksum matches ({index.version_dir.name})")
     return 0
 
 
@@ -116,7 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--ef-construction", type=int_in(1), default=HnswParams.ef_construction)
     index.add_argument("--ef-search", type=int_in(1), default=HnswParams.ef_search, help="default HNSW ef at query time")
     index.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    index.add_argument("--no-wait", action="store_true", help="fail at once when another fastret index is writing --out")
     index.set_defaults(run=cmd_index)
+
+    verify = commands.add_parser("verify", help="check every file of an index against its checksums")
+    verify.add_argument("index", type=Path, nargs="?", default=default_index_dir(), help="index directory (default: %(default)s)")
+    verify.set_defaults(run=cmd_verify)
 
     search = commands.add_parser("search", help="find the images most similar to IMG")
     search.add_argument("image", type=Path, help="query image")

@@ -91,12 +91,11 @@ def rerank_request(
 class Retriever:
     """An index plus the encoder it was built with; answers image, vector and item queries."""
 
-    def __init__(self, index: Index, encoder: Encoder | None = None, *, version: Path | None = None) -> None:
+    def __init__(self, index: Index, encoder: Encoder | None = None) -> None:
         if encoder is not None:
             index.check_model(encoder.info)
         self.index = index
         self.encoder = encoder
-        self.version = version
         self._prepared: dict[tuple, PreparedDatabase] = {}
         self._prepare_lock = threading.Lock()
 
@@ -112,15 +111,12 @@ class Retriever:
         log: Callable[[str], None] = lambda _: None,
     ) -> "Retriever":
         """Load the live version of an index and open the encoder that embedded it."""
-        from fastret.engine.index import live_version
-
-        version = live_version(index_dir)
         index = Index.load(index_dir)
         encoder = encoder_for_index(
             index.model, backend, threads=threads, precision=precision, workload=workload,
             recorded=index.runtime, log=log,
         )
-        return cls(index, encoder, version=version)
+        return cls(index, encoder)
 
     @property
     def runtime(self) -> str:

@@ -90,7 +90,7 @@ def test_index_of_a_folder_with_only_bad_files_fails(tmp_path, bad_images, capsy
     code, _, err = run(capsys, "index", tmp_path, "--model", "efficientnet-lite2", "--out", tmp_path / "idx", "-q")
     assert code == 1
     assert err.splitlines()[-1] == f"fastret: error: no image in {tmp_path} could be indexed ({len(bad_images)} skipped)"
-    assert not (tmp_path / "idx").exists()
+    assert not (tmp_path / "idx" / "CURRENT").exists()  # at most the writer lock file was made
 
 
 def test_index_refuses_a_foreign_output_folder(tmp_path, capsys, bundled_onnx):
@@ -188,3 +188,56 @@ def test_leave_one_out_precision_at_10(wang1k_index):
     labels = index.labels
     precision = float((labels[top10] == labels[:, None]).mean())
     assert precision >= 0.97, precision
+
+
+# --- the index writer through the CLI -------------------------------------------------------
+
+
+def test_index_into_a_foreign_folder_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    import fastret.cli.main as cli
+
+    monkeypatch.setattr(cli, "open_encoder", lambda *a, **k: pytest.fail("the encoder was opened"))
+    (tmp_path / "gallery").mkdir()
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    code, _, err = run(capsys, "index", tmp_path / "gallery", "--out", tmp_path / "out")
+    assert code == 2 and "not a fastret index; choose another --out" in err
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["notes.txt"]
+
+
+def test_index_of_a_missing_folder_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    import fastret.cli.main as cli
+
+    monkeypatch.setattr(cli, "open_encoder", lambda *a, **k: pytest.fail("the encoder was opened"))
+    code, _, err = run(capsys, "index", tmp_path / "absent", "--out", tmp_path / "out")
+    assert code == 2 and err.strip() == f"fastret: error: {tmp_path / 'absent'}: not a directory"
+
+
+def test_a_second_writer_with_no_wait_fails_at_once(tmp_path, capsys):
+    """Another process holds the index's writer lock: `fastret index --no-wait` exits 2 naming it."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom fastret.engine.index import index_writer_lock\n"
+         "with index_writer_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(60)", str(tmp_path / "x")],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        (tmp_path / "gallery").mkdir()
+        code, _, err = run(capsys, "index", tmp_path / "gallery", "--out", tmp_path / "x", "--no-wait")
+        assert code == 2 and f"another fastret writer (pid {holder.pid}) is writing this index" in err
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+@pytest.mark.data
+def test_verify_finds_a_flipped_byte_that_loading_does_not_read(wang1k_index, tmp_path, capsys):
+    copy = tmp_path / "index"
+    shutil.copytree(wang1k_index, copy)
+    assert run(capsys, "verify", copy)[0] == 0
+    embeddings = Index.load(copy).version_dir / "embeddings.npy"
+    data = bytearray(embeddings.read_bytes())
+    data[-5] ^= 0xFF
+    embeddings.write_bytes(bytes(data))
+    code, out, err = run(capsys, "verify", copy)
+    assert code == 1 and "embeddings.npy" in out and "rebuild it with `fastret index" in err
