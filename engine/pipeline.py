@@ -18,7 +18,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from fastret.engine.decode import DEFAULT_MAX_PIXELS, ImageError, Preprocessing, load_pixels
+from fastret.engine.decode import DEFAULT_MAX_PIXELS, ImageError, Preprocessing, Skipped, load_pixels
 from fastret.engine.encoders import Encoder, default_threads
 
 DEFAULT_BATCH_SIZE = 4
@@ -27,15 +27,6 @@ of 4 in flight beat batch 16 by 5-15%; CLIP on ONNX Runtime INT8 is as fast at 4
 GPUs want 64-256 (--batch-size)."""
 DEFAULT_WORKERS = max(1, default_threads() // 4)
 """Decoding is ~10% of a CPU encoder's work: one decoder thread per 4 cores keeps it ahead."""
-
-
-@dataclass(frozen=True)
-class Skipped:
-    path: Path
-    reason: str
-
-    def line(self) -> str:
-        return f"skipped {self.path}: {self.reason}"
 
 
 @dataclass
@@ -88,25 +79,26 @@ def decoded_batches(
     batch_size: int = DEFAULT_BATCH_SIZE,
     workers: int = DEFAULT_WORKERS,
     draft: bool = True,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> Iterator[DecodedBatch]:
     """Yield decoded batches in input order, decoding up to `workers` batches ahead."""
     chunks = [list(paths[i : i + batch_size]) for i in range(0, len(paths), batch_size)]
     if workers <= 0:
         for chunk in chunks:
-            yield decode_batch(chunk, spec, draft=draft)
+            yield decode_batch(chunk, spec, draft=draft, max_pixels=max_pixels)
         return
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fastret-decode") as pool:
         pending: deque = deque()
         chunk_iter = iter(chunks)
         for chunk in chunk_iter:
-            pending.append(pool.submit(decode_batch, chunk, spec, draft=draft))
+            pending.append(pool.submit(decode_batch, chunk, spec, draft=draft, max_pixels=max_pixels))
             if len(pending) > workers:
                 break
         while pending:
             yield pending.popleft().result()
             next_chunk = next(chunk_iter, None)
             if next_chunk is not None:
-                pending.append(pool.submit(decode_batch, next_chunk, spec, draft=draft))
+                pending.append(pool.submit(decode_batch, next_chunk, spec, draft=draft, max_pixels=max_pixels))
 
 
 def _timed_encode(encoder: Encoder, pixels: np.ndarray) -> tuple[np.ndarray, float]:
@@ -127,6 +119,7 @@ def embed_files(
     batch_size: int = DEFAULT_BATCH_SIZE,
     workers: int = DEFAULT_WORKERS,
     draft: bool = True,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
     progress: bool = False,
     on_skip: Callable[[Skipped], None] | None = None,
 ) -> EmbedResult:
@@ -154,7 +147,10 @@ def embed_files(
             encode_s += seconds
             bar.update(len(batch_paths))
 
-        for batch in decoded_batches(paths, spec, batch_size=batch_size, workers=workers, draft=draft):
+        batches = decoded_batches(
+            paths, spec, batch_size=batch_size, workers=workers, draft=draft, max_pixels=max_pixels
+        )
+        for batch in batches:
             decode_s += batch.seconds
             for skip in batch.skipped:
                 skipped.append(skip)

@@ -31,13 +31,22 @@ def build_index(
     hnsw_params: HnswParams = HnswParams(),
     progress: bool = False,
     on_skip: Callable[[Skipped], None] | None = None,
+    include_hidden: bool = False,
 ) -> tuple[Index, EmbedResult]:
-    """Embed every image under root and build the HNSW graph; bad files are skipped, not fatal."""
+    """Embed every image under root and build the HNSW graph; bad files are skipped, not fatal.
+
+    Files the listing leaves out (see list_images) count among the result's skipped files.
+    """
     root = Path(root).resolve()
-    paths = list_images(root)
+    unlisted: list[Skipped] = []
+    paths = list_images(root, include_hidden=include_hidden, on_skip=unlisted.append)
+    if on_skip is not None:
+        for skip in unlisted:
+            on_skip(skip)
     result = embed_files(
         paths, encoder, batch_size=batch_size, workers=workers, draft=draft, progress=progress, on_skip=on_skip
     )
+    result.skipped[:0] = unlisted
     items = [Item(path=p.relative_to(root).as_posix(), label=p.parent.name) for p in result.paths]
     started = time.perf_counter()
     runtime = {"backend": encoder.backend, "precision": getattr(encoder, "precision", "fp32")}

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import ExifTags, Image, ImageDraw
+from test_pipeline import photo_like
 
 from fastret.engine.decode import (
     ImageError,
@@ -13,8 +16,10 @@ from fastret.engine.decode import (
     load_pixels,
     resize_and_crop,
     to_rgb,
+    transposed_box,
 )
 from fastret.engine.pipeline import decode_batch
+from fastret.web.items import thumbnail_jpeg
 
 SPEC = Preprocessing(size=32, resize=36, interpolation="bilinear", mean=(0.0,) * 3, std=(1.0,) * 3)
 
@@ -113,3 +118,57 @@ def test_list_images_is_sorted_and_filters_by_suffix(tmp_path):
     assert found == ["a/1.png", "b/1.jpeg", "b/2.JPG", "c.webp", "d/e.tif"]
     with pytest.raises(FileNotFoundError):
         list_images(tmp_path / "missing")
+
+
+STORED_AS = {
+    1: None,
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_90,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_270,
+}
+"""EXIF orientation -> how a camera stores an upright scene under it (the inverse of the fix)."""
+
+
+def save_oriented(upright: Image.Image, orientation: int, path, **options) -> None:
+    turn = STORED_AS[orientation]
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = orientation
+    (upright if turn is None else upright.transpose(turn)).save(path, exif=exif, **options)
+
+
+@pytest.mark.parametrize("orientation", STORED_AS)
+@pytest.mark.parametrize(
+    "suffix, draft, mean_abs_tolerance",
+    # JPEG: re-encoding the turned pixels and the partial 8x8 blocks at other edges cost ~1/255.
+    [(".jpg", True, 1.5), (".jpg", False, 1.5), (".png", True, 0.0), (".png", False, 0.0)],
+)
+def test_exif_orientation_is_applied(tmp_path, orientation, suffix, draft, mean_abs_tolerance):
+    # 301 x 190 does not divide by the 1/4 DCT scale: the crop box must turn with the pixels.
+    upright = photo_like(301, 190)
+    save_oriented(upright, 1, tmp_path / f"upright{suffix}", quality=95)
+    save_oriented(upright, orientation, tmp_path / f"stored{suffix}", quality=95)
+    expected, crop = (load_pixels(tmp_path / f"{name}{suffix}", SPEC, draft=draft) for name in ("upright", "stored"))
+    assert np.abs(crop.astype(int) - expected).mean() <= mean_abs_tolerance
+
+
+@pytest.mark.parametrize("orientation", STORED_AS)
+def test_thumbnails_are_upright(tmp_path, orientation):
+    upright = photo_like(600, 380)
+    save_oriented(upright, 1, tmp_path / "upright.jpg", quality=95)
+    save_oriented(upright, orientation, tmp_path / "stored.jpg", quality=95)
+    expected, thumbnail = (
+        Image.open(io.BytesIO(thumbnail_jpeg(tmp_path / name, 128))) for name in ("upright.jpg", "stored.jpg")
+    )
+    assert thumbnail.size == expected.size == (128, 81)
+    assert np.abs(np.asarray(thumbnail, dtype=int) - np.asarray(expected)).mean() <= 2.0
+
+
+@pytest.mark.parametrize("transposition", list(Image.Transpose))
+def test_transposed_box_follows_the_pixels(transposition):
+    img = Image.new("L", (40, 30))
+    ImageDraw.Draw(img).rectangle((3, 5, 16, 10), fill=255)  # covers the box (3, 5, 17, 11)
+    assert transposed_box((3, 5, 17, 11), img.size, transposition) == img.transpose(transposition).getbbox()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from fastret.engine.decode import IMAGE_SUFFIXES, ImageError, open_image, to_rgb
+from fastret.engine.decode import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, decode_rgb
 from fastret.engine.index import Index
 
 THUMBNAIL_SIZE = 256
@@ -43,17 +43,9 @@ def item_file(index: Index, item_id: int) -> Path:
     return path
 
 
-def thumbnail_jpeg(path: Path, size: int = THUMBNAIL_SIZE) -> bytes:
-    """A JPEG no larger than size x size, aspect kept; raises ImageError for unreadable files."""
-    img = open_image(path)
-    try:
-        with img:
-            if img.format == "JPEG":
-                img.draft("RGB", (size, size))
-            img.load()
-            rgb = to_rgb(img)
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ImageError(f"cannot decode: {exc}") from None
+def thumbnail_jpeg(path: Path, size: int = THUMBNAIL_SIZE, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> bytes:
+    """An upright JPEG no larger than size x size, aspect kept; raises ImageError for unreadable files."""
+    rgb, _ = decode_rgb(path, max_pixels=max_pixels, reduce_to=size)
     rgb.thumbnail((size, size), Image.Resampling.LANCZOS)
     out = io.BytesIO()
     rgb.save(out, format="JPEG", quality=85, optimize=True)
