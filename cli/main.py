@@ -62,6 +62,7 @@ def cmd_index(args: argparse.Namespace) -> int:
             hnsw_params=HnswParams(M=args.hnsw_m, ef_construction=args.ef_construction, ef_search=args.ef_search),
             progress=not args.quiet,
             on_skip=lambda skip: log(skip.line()),
+            include_hidden=args.include_hidden,
         )
         if len(index) == 0:
             log(f"fastret: error: no image in {root} could be indexed ({len(result.skipped)} skipped)")
@@ -133,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--ef-construction", type=int_in(1), default=HnswParams.ef_construction)
     index.add_argument("--ef-search", type=int_in(1), default=HnswParams.ef_search, help="default HNSW ef at query time")
     index.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    index.add_argument("--include-hidden", action="store_true",
+                       help="also index hidden files and folders (names starting with '.', e.g. .thumbnails/)")
     index.add_argument("--no-wait", action="store_true", help="fail at once when another fastret index is writing --out")
     index.set_defaults(run=cmd_index)
 

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from fastret.cli.options import add_runtime_options, int_in, positive_float
-from fastret.engine.decode import DEFAULT_MAX_PIXELS
+from fastret.engine.decode import DEFAULT_SERVER_MAX_PIXELS
 from fastret.engine.index import default_index_dir
 from fastret.web import DEFAULT_MAX_DECODES, DEFAULT_MAX_UPLOAD_BYTES
 from fastret.web.batcher import DEFAULT_MAX_BATCH
@@ -78,7 +78,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     add_runtime_options(serve)
     serve.add_argument("--max-upload-mb", type=positive_float, default=DEFAULT_MAX_UPLOAD_BYTES / 2**20,
                        help="largest accepted upload in MiB (default: %(default)s)")
-    serve.add_argument("--max-pixels", type=int_in(1), default=DEFAULT_MAX_PIXELS,
+    serve.add_argument("--max-pixels", type=int_in(1), default=DEFAULT_SERVER_MAX_PIXELS,
                        help="largest upload in pixels (width x height) decoded (default: %(default)s)")
     serve.add_argument("--max-decodes", type=int_in(1, 256), default=DEFAULT_MAX_DECODES,
                        help="uploads decoded at once; the others wait (default: %(default)s)")

@@ -79,7 +79,7 @@ def evaluate_folders(
     query_paths: list[Path] = []
     if queries_dir is not None:
         started = time.perf_counter()
-        embedded = embed_files(list_images(queries_dir), encoder, on_skip=on_skip)
+        embedded = embed_files(list_images(queries_dir, on_skip=on_skip), encoder, on_skip=on_skip)
         seconds["query_embedding"] = _since(started)
         query_paths, query_embeddings = embedded.paths, embedded.embeddings
         query_labels = folder_labels(query_paths)

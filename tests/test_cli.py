@@ -241,3 +241,18 @@ def test_verify_finds_a_flipped_byte_that_loading_does_not_read(wang1k_index, tm
     embeddings.write_bytes(bytes(data))
     code, out, err = run(capsys, "verify", copy)
     assert code == 1 and "embeddings.npy" in out and "rebuild it with `fastret index" in err
+
+
+def test_hidden_files_are_left_out_unless_asked_for(tmp_path, capsys, bundled_onnx):
+    rng = np.random.default_rng(3)
+    root = tmp_path / "gallery"
+    for relative in ("a/shown.jpg", "a/.hidden.jpg", ".thumbnails/t.jpg", "a/._shown.jpg"):
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(root / relative)
+    (root / "a" / "gone.jpg").symlink_to(tmp_path / "missing.jpg")
+    argv = ["index", root, "--backend", "onnxruntime", "--model", "efficientnet-lite2", "-q"]
+    code, _, err = run(capsys, *argv, "--out", tmp_path / "plain")
+    assert code == 0 and [item.path for item in Index.load(tmp_path / "plain").items] == ["a/shown.jpg"]
+    assert f"skipped {root / 'a' / 'gone.jpg'}: " in err and "skipped 1," in err  # the dangling link is counted
+    code, _, _ = run(capsys, *argv, "--out", tmp_path / "all", "--include-hidden")
+    assert code == 0 and len(Index.load(tmp_path / "all")) == 4

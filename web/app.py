@@ -23,7 +23,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 
 from fastret import __version__
-from fastret.engine.decode import DEFAULT_MAX_PIXELS, ImageError
+from fastret.engine.decode import DEFAULT_SERVER_MAX_PIXELS, ImageError
 from fastret.engine.index import FORMAT_VERSION
 from fastret.engine.retrieval import SCORES, Hit, display_path
 from fastret.service.search import MAX_K, Retriever, SearchOptions, combine_views, query_views, rerank_request
@@ -135,7 +135,7 @@ def create_app(
     retriever: Retriever,
     *,
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_pixels: int = DEFAULT_SERVER_MAX_PIXELS,
     max_batch: int = DEFAULT_MAX_BATCH,
     max_decodes: int = DEFAULT_MAX_DECODES,
 ) -> FastAPI:
