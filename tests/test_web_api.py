@@ -20,7 +20,7 @@ httpx = pytest.importorskip("httpx", reason="httpx is not installed (dev extra)"
 from fastapi.testclient import TestClient  # noqa: E402
 
 from fastret.engine.decode import Preprocessing, load_pixels  # noqa: E402
-from fastret.engine.encoders import ModelInfo  # noqa: E402
+from fastret.engine.encoders import EncoderRecipe, ModelInfo, pooled_encode_batches  # noqa: E402
 from fastret.engine.index import FORMAT_VERSION, BadIndex  # noqa: E402
 from fastret.engine.retrieval import build_index  # noqa: E402
 from fastret.web.app import create_app  # noqa: E402
@@ -34,11 +34,17 @@ class MeanColourEncoder:
     """Embedding = the crop's mean colour, centred on grey and L2-normalised."""
 
     backend = "numpy"
+    precision = "fp32"
+    parallel_requests = 1
 
     def __init__(self, model_id: str = "test-mean-colour", delay_s: float = 0.0) -> None:
         self.info = ModelInfo(model_id=model_id, weights_sha256="0" * 64, dim=3, preprocessing=SPEC)
+        self.recipe = EncoderRecipe(self.info, self.backend, self.precision)
         self.delay_s = delay_s
         self.batch_sizes: list[int] = []
+
+    def encode_batches(self, batches):
+        return pooled_encode_batches(self.encode, batches, self.parallel_requests)
 
     def encode(self, pixels: np.ndarray) -> np.ndarray:
         self.batch_sizes.append(len(pixels))
