@@ -59,14 +59,18 @@ def scaled_embeddings(directory: Path, db: Path, queries: Path) -> tuple[np.ndar
     """The scaled set's embeddings from the cache, computing them once with the bundled model."""
     cached = directory / "db_embeddings.npy", directory / "query_embeddings.npy"
     if not all(p.is_file() for p in cached):
+        from tqdm import tqdm
+
         from fastret.engine.decode import list_images
         from fastret.service.load import open_encoder
         from fastret.engine.pipeline import embed_files
 
-        encoder = open_encoder("efficientnet-lite2", log=lambda _: None)
+        encoder = open_encoder("efficientnet-lite2")
         directory.mkdir(parents=True, exist_ok=True)
         for folder, path in zip((db, queries), cached):
-            np.save(path, embed_files(list_images(folder), encoder, progress=True).embeddings)
+            images = list_images(folder)
+            with tqdm(total=len(images), unit="img", file=sys.stderr) as bar:
+                np.save(path, embed_files(images, encoder, on_progress=bar.update).embeddings)
     return np.load(cached[0]), np.load(cached[1])
 
 

@@ -1,6 +1,6 @@
 """The PyTorch baseline: the course task done the way a careful student writes it.
 
-Same model weights as fastret (fastret.export.models.load_torch_model), but the usual reference
+Same model weights as fastret (fastret.export.torch_models.load_torch_model), but the usual reference
 pipeline around them:
 
 * PIL decoding at full size, the model's reference preprocessing on the host (resize the short
@@ -55,7 +55,8 @@ class Baseline:
         import torch
 
         from fastret.engine.encoders import default_threads
-        from fastret.export.models import load_torch_model, resolve_model
+        from fastret.export.models import resolve_model
+        from fastret.export.torch_models import load_torch_model
 
         torch.set_num_threads(default_threads())
         source, _ = resolve_model(model_argument(model))

@@ -52,7 +52,7 @@ def model_flops(source) -> float:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from fastret.export.models import load_torch_model
+    from fastret.export.torch_models import load_torch_model
 
     model = load_torch_model(source)
     size = source.preprocessing.size

@@ -42,7 +42,8 @@ from common import OUT, machine, table, write_json
 from fastret.engine.cuda_torch import TorchCudaEncoder, cuda_missing
 from fastret.service.load import encoder_for_source, model_info
 from fastret.engine.tensorrt_runtime import tensorrt_missing
-from fastret.export.models import ModelSource, bundled_source, clip_source, load_torch_model
+from fastret.export.models import ModelSource, bundled_source, clip_source
+from fastret.export.torch_models import load_torch_model
 from fastret.export.onnx_export import compare_embeddings, ensure_exported, parity_pixels
 
 GPU_BATCHES = (1, 32, 256)

@@ -11,7 +11,7 @@ from pathlib import Path
 from fastret import __version__
 from fastret.cli import evaluate, serve
 from fastret.cli.options import add_runtime_options, add_search_options, int_in, search_options
-from fastret.engine.decode import ImageError
+from fastret.engine.decode import ImageError, list_images
 from fastret.engine.encoders import describe_runtime
 from fastret.engine.index import BadIndex, HnswParams, Index, default_index_dir, index_writer_lock, verify_index
 from fastret.engine.pipeline import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS
@@ -38,6 +38,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_index(args: argparse.Namespace) -> int:
+    from tqdm import tqdm  # only the indexing job shows a progress bar
+
     root = Path(args.dir)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: not a directory")
@@ -53,17 +55,19 @@ def cmd_index(args: argparse.Namespace) -> int:
             log=log,
         )
         log(f"indexing {root} with {encoder.info.model_id} on {describe_runtime(encoder)}")
-        index, result = build_index(
-            root,
-            encoder,
-            batch_size=args.batch_size,
-            workers=args.workers,
-            draft=not args.no_draft,
-            hnsw_params=HnswParams(M=args.hnsw_m, ef_construction=args.ef_construction, ef_search=args.ef_search),
-            progress=not args.quiet,
-            on_skip=lambda skip: log(skip.line()),
-            include_hidden=args.include_hidden,
-        )
+        total = len(list_images(root, include_hidden=args.include_hidden))
+        with tqdm(total=total, unit="img", disable=args.quiet, file=sys.stderr, dynamic_ncols=True) as bar:
+            index, result = build_index(
+                root,
+                encoder,
+                batch_size=args.batch_size,
+                workers=args.workers,
+                draft=not args.no_draft,
+                hnsw_params=HnswParams(M=args.hnsw_m, ef_construction=args.ef_construction, ef_search=args.ef_search),
+                on_skip=lambda skip: bar.write(skip.line(), file=sys.stderr),
+                on_progress=bar.update,
+                include_hidden=args.include_hidden,
+            )
         if len(index) == 0:
             log(f"fastret: error: no image in {root} could be indexed ({len(result.skipped)} skipped)")
             return 1
@@ -71,7 +75,7 @@ def cmd_index(args: argparse.Namespace) -> int:
     seconds = result.stage_seconds
     log(
         f"indexed {len(index)} images, skipped {len(result.skipped)}, in {seconds['total']:.1f} s "
-        f"({result.images_per_second:.1f} images/s; encoder busy {seconds['encode']:.1f} s, "
+        f"({result.images_per_second:.1f} images/s; waited on the encoder {seconds['encode']:.1f} s, "
         f"HNSW {seconds['hnsw_build']:.2f} s) -> {args.out} ({version.name})"
     )
     return 0

@@ -17,7 +17,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from fastret.engine.encoders import ModelInfo
+from fastret.engine.encoders import EncoderRecipe, ModelInfo
 
 MAX_BATCH = 256
 STAGING_SLOTS = 2
@@ -169,6 +169,8 @@ class TorchCudaEncoder:
     max_batch: int = MAX_BATCH
     device: str = "cuda"
     backend: str = field(init=False)
+    precision: str = field(init=False)
+    parallel_requests: int = field(default=1, init=False)  # the staging keeps batches in flight instead
 
     def __post_init__(self) -> None:
         reason = cuda_missing() if self.device == "cuda" else None
@@ -177,6 +179,7 @@ class TorchCudaEncoder:
         if self.graphs and self.device != "cuda":
             raise ValueError("CUDA graphs need device 'cuda'")
         self.backend = "torch-cuda-fp16" if self.half else "torch-cuda"
+        self.precision = "fp16" if self.half else "fp32"
         module = self.module.to(self.device).eval()
         self.module = module.half() if self.half else module
         self._graphs: dict[int, tuple] = {}  # bucket -> (graph, static input, static output)
@@ -223,6 +226,10 @@ class TorchCudaEncoder:
         static_in[:n].copy_(device_in)
         graph.replay()
         return static_out[:n]
+
+    @property
+    def recipe(self) -> EncoderRecipe:
+        return EncoderRecipe(self.info, self.backend, self.precision)
 
     def encode_batches(self, batches: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
         """Encode a stream of batches keeping two on the GPU at once (see StagedPipeline)."""

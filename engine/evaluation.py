@@ -3,7 +3,7 @@
 :func:`evaluate_embeddings` is the seam: database embeddings + labels and query embeddings +
 labels in, metrics out. It knows nothing about files or models, so a caller can hand it
 embeddings from anywhere (cached .npy, a re-ranked list through ``search``, ...). The whole job
-from folders, the way `fastret eval` runs it, is fastret.service.evaluate.
+from folders, the way `fastret eval` runs it, is service/evaluate.py.
 
 Labels are folder names (the image's parent directory). Leave-one-out uses every database image
 as a query against all the others, itself excluded. P@k and R@k are measured on the search that

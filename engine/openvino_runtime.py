@@ -22,10 +22,11 @@ import queue
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import numpy as np
 
-from fastret.engine.encoders import ModelInfo, default_threads
+from fastret.engine.encoders import EncoderRecipe, ModelInfo, artefact_size, default_threads, pooled_encode_batches
 
 OPENVINO_PRECISIONS = ("fp32", "bf16", "int8")
 WORKLOADS = ("latency", "throughput")
@@ -69,7 +70,9 @@ def compile_config(precision: str, workload: str, threads: int) -> dict:
 
 @dataclass
 class OpenVinoEncoder:
-    """OpenVINO CPU inference over an exported ONNX model (same interface as OnnxEncoder)."""
+    """OpenVINO CPU inference over an exported model: the fp32 ONNX or an INT8 IR (same interface as
+    OnnxEncoder). `cache_dir`: where OpenVINO keeps compiled blobs (None: compile in memory, write nothing).
+    """
 
     path: Path
     info: ModelInfo
@@ -77,11 +80,14 @@ class OpenVinoEncoder:
     threads: int = field(default_factory=default_threads)
     cache_dir: Path | None = None
     workload: str = "latency"
-    backend: str = "openvino"
+    artefact_sha256: str | None = None
+    backend: str = field(default="openvino", init=False)
+    parallel_requests: int = field(init=False)
 
     def __post_init__(self) -> None:
         import openvino as ov
 
+        self.artefact_bytes = artefact_size(self.path)
         if self.precision not in OPENVINO_PRECISIONS:
             raise ValueError(f"openvino precision must be one of {OPENVINO_PRECISIONS}, not {self.precision!r}")
         if self.workload not in WORKLOADS:
@@ -110,6 +116,14 @@ class OpenVinoEncoder:
                     idle.put(compiled.create_infer_request())
                 self.pools[single] = idle
             return self.pools[single]
+
+    @property
+    def recipe(self) -> EncoderRecipe:
+        artefact = str(Path(self.path).resolve())
+        return EncoderRecipe(self.info, self.backend, self.precision, artefact, self.artefact_sha256, self.artefact_bytes)
+
+    def encode_batches(self, batches: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+        return pooled_encode_batches(self.encode, batches, self.parallel_requests)
 
     def encode(self, pixels: np.ndarray) -> np.ndarray:
         # Each call borrows an idle request: up to parallel_requests callers run at once.

@@ -1,17 +1,17 @@
 """Files -> decoded batches -> embeddings, with decoding pipelined against the encoder.
 
 Decoder threads (Pillow releases the GIL while decoding and resampling) fill fixed-size batches
-while the encoder works on the previous ones: one batch at a time, or as many at once as the
-encoder has parallel requests (OpenVINO's throughput streams). A bad file is skipped with a reason
-naming it; it never stops the job.
+while the encoder works on the previous ones, as its `encode_batches` stream overlaps them: GPU
+encoders keep two batches in flight, CPU encoders as many calls as they have parallel requests
+(OpenVINO's throughput streams). A bad file is skipped with a reason naming it; it never stops the
+job. Progress goes to a caller's callback: the engine never prints.
 """
 
 from __future__ import annotations
 
-import sys
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -101,17 +101,6 @@ def decoded_batches(
                 pending.append(pool.submit(decode_batch, next_chunk, spec, draft=draft, max_pixels=max_pixels))
 
 
-def _timed_encode(encoder: Encoder, pixels: np.ndarray) -> tuple[np.ndarray, float]:
-    started = time.perf_counter()
-    return encoder.encode(pixels), time.perf_counter() - started
-
-
-def _progress(total: int, enabled: bool):
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="img", disable=not enabled, file=sys.stderr, dynamic_ncols=True)
-
-
 def embed_files(
     paths: Sequence[Path],
     encoder: Encoder,
@@ -120,58 +109,63 @@ def embed_files(
     workers: int = DEFAULT_WORKERS,
     draft: bool = True,
     max_pixels: int = DEFAULT_MAX_PIXELS,
-    progress: bool = False,
     on_skip: Callable[[Skipped], None] | None = None,
+    on_progress: Callable[[int], None] | None = None,
 ) -> EmbedResult:
     """Embed every file that decodes; report the others through `on_skip` as they happen.
 
-    Batches go to the encoder from `encoder.parallel_requests` threads (1 when it has none), in
-    order; `encode` in the stage times is the sum of encoder calls, which overlap when parallel.
+    Decoded batches stream into `encoder.encode_batches`, which overlaps them its own way (GPU
+    encoders: two batches in flight; CPU encoders: `parallel_requests` calls at once); the encoder
+    never sees an empty batch. `on_progress(n)` is called with the number of files just finished
+    (embedded or skipped): increments, whose sum is len(paths). In the stage times, `encode` is the
+    time the job waited on the encoder, `decode_wait` the time it waited on the decoders, and
+    `decode_worker` the decoders' own time (they run ahead, in parallel).
     """
-    spec = encoder.info.preprocessing
     started = time.perf_counter()
+    skipped: list[Skipped] = []
+    fed: deque[list[Path]] = deque()  # paths of the batches handed to the encoder, awaiting embeddings
+    decode_s = decode_wait_s = 0.0
+
+    def pixel_batches() -> Iterator[np.ndarray]:
+        nonlocal decode_s, decode_wait_s
+        batches = decoded_batches(
+            paths, encoder.info.preprocessing, batch_size=batch_size, workers=workers, draft=draft, max_pixels=max_pixels
+        )
+        while True:
+            waiting = time.perf_counter()
+            batch = next(batches, None)
+            decode_wait_s += time.perf_counter() - waiting
+            if batch is None:
+                return
+            decode_s += batch.seconds
+            skipped.extend(batch.skipped)
+            if on_skip is not None:
+                for skip in batch.skipped:
+                    on_skip(skip)
+            if batch.skipped and on_progress is not None:
+                on_progress(len(batch.skipped))
+            if len(batch.paths):
+                fed.append(batch.paths)
+                yield batch.pixels
+
     kept: list[Path] = []
     parts: list[np.ndarray] = []
-    skipped: list[Skipped] = []
-    decode_s = encode_s = 0.0
-    slots = max(1, int(getattr(encoder, "parallel_requests", 1)))
-    in_flight: deque[tuple[list[Path], Future]] = deque()
-    with _progress(len(paths), progress) as bar, ThreadPoolExecutor(slots, thread_name_prefix="fastret-encode") as pool:
-
-        def collect() -> None:
-            nonlocal encode_s
-            batch_paths, future = in_flight.popleft()
-            embeddings, seconds = future.result()
-            parts.append(embeddings)
-            kept.extend(batch_paths)
-            encode_s += seconds
-            bar.update(len(batch_paths))
-
-        batches = decoded_batches(
-            paths, spec, batch_size=batch_size, workers=workers, draft=draft, max_pixels=max_pixels
-        )
-        for batch in batches:
-            decode_s += batch.seconds
-            for skip in batch.skipped:
-                skipped.append(skip)
-                if on_skip is not None:
-                    bar.clear()
-                    on_skip(skip)
-            bar.update(len(batch.skipped))
-            if len(batch.paths):
-                in_flight.append((batch.paths, pool.submit(_timed_encode, encoder, batch.pixels)))
-            while len(in_flight) >= slots:
-                collect()
-        while in_flight:
-            collect()
+    for embeddings in encoder.encode_batches(pixel_batches()):
+        batch_paths = fed.popleft()
+        parts.append(embeddings)
+        kept.extend(batch_paths)
+        if on_progress is not None:
+            on_progress(len(batch_paths))
     embeddings = np.concatenate(parts) if parts else np.empty((0, encoder.info.dim), np.float32)
+    total = time.perf_counter() - started
     return EmbedResult(
         paths=kept,
         embeddings=embeddings,
         skipped=skipped,
         stage_seconds={
             "decode_worker": round(decode_s, 4),
-            "encode": round(encode_s, 4),
-            "total": round(time.perf_counter() - started, 4),
+            "decode_wait": round(decode_wait_s, 4),
+            "encode": round(total - decode_wait_s, 4),
+            "total": round(total, 4),
         },
     )

@@ -29,8 +29,8 @@ def build_index(
     workers: int = DEFAULT_WORKERS,
     draft: bool = True,
     hnsw_params: HnswParams = HnswParams(),
-    progress: bool = False,
     on_skip: Callable[[Skipped], None] | None = None,
+    on_progress: Callable[[int], None] | None = None,
     include_hidden: bool = False,
 ) -> tuple[Index, EmbedResult]:
     """Embed every image under root and build the HNSW graph; bad files are skipped, not fatal.
@@ -44,13 +44,12 @@ def build_index(
         for skip in unlisted:
             on_skip(skip)
     result = embed_files(
-        paths, encoder, batch_size=batch_size, workers=workers, draft=draft, progress=progress, on_skip=on_skip
+        paths, encoder, batch_size=batch_size, workers=workers, draft=draft, on_skip=on_skip, on_progress=on_progress
     )
     result.skipped[:0] = unlisted
     items = [Item(path=p.relative_to(root).as_posix(), label=p.parent.name) for p in result.paths]
     started = time.perf_counter()
-    runtime = {"backend": encoder.backend, "precision": getattr(encoder, "precision", "fp32")}
-    index = Index(encoder.info, str(root), items, result.embeddings, hnsw_params, runtime=runtime)
+    index = Index(encoder.info, str(root), items, result.embeddings, hnsw_params, encoder=encoder.recipe.to_dict())
     index.hnsw = build_hnsw(result.embeddings, hnsw_params)
     result.stage_seconds["hnsw_build"] = round(time.perf_counter() - started, 4)
     return index, result

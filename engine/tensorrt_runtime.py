@@ -2,8 +2,9 @@
 
 A serialized plan only runs on the GPU model and TensorRT version that built it
 (NVIDIA/TensorRT#3965). `export-engine --fp16` records both, with the compute capability, in the
-export's metadata.json; `plan_problem` compares them with this machine before any load, so a
-stale plan is refused with a one-line reason instead of a deserialisation error.
+export's metadata.json; `plan_problem` compares that record (the caller reads it) with this
+machine before any load, so a stale plan is refused with a one-line reason instead of a
+deserialisation error.
 
 The encoder runs `execute_async_v3` on a torch CUDA stream with torch-allocated device buffers
 (`set_input_shape` / `set_tensor_address` per batch) and the pinned, two-in-flight staging of
@@ -20,7 +21,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from fastret.engine.cuda_torch import StagedPipeline, cuda_missing, staged_encode_batches
-from fastret.engine.encoders import ModelInfo
+from fastret.engine.encoders import EncoderRecipe, ModelInfo, artefact_size
 
 PLAN_FILE = "model.fp16.plan"
 
@@ -94,17 +95,16 @@ def plan_problem(recorded: dict | None, current: PlanTarget) -> str | None:
     return None
 
 
-def plan_status(export_dir: Path) -> tuple[Path | None, str]:
-    """The export's plan when it may run on this machine, else None; and a one-line reason."""
-    from fastret.export.onnx_export import read_metadata
+def plan_status(plan: Path, recorded: dict | None) -> tuple[Path | None, str]:
+    """`plan` when it may run on this machine, else None; and a one-line reason.
 
-    plan = export_dir / PLAN_FILE
+    `recorded`: the plan's build record from its export's metadata.json (None when there is none).
+    """
     missing = tensorrt_missing()
     if missing:
         return None, missing
     if not plan.is_file():
-        return None, f"no TensorRT plan in {export_dir}; build one with `export-engine --fp16`"
-    recorded = read_metadata(export_dir).get("artefacts", {}).get(PLAN_FILE)
+        return None, f"no TensorRT plan in {plan.parent}; build one with `export-engine --fp16`"
     problem = plan_problem(recorded, current_target())
     if problem:
         return None, f"{plan}: {problem}"
@@ -124,12 +124,16 @@ class TensorRTEncoder:
 
     plan_path: Path
     info: ModelInfo
+    artefact_sha256: str | None = None
     backend: str = field(default="tensorrt", init=False)
+    precision: str = field(default="fp16", init=False)  # strongly typed from the FP16 ONNX
+    parallel_requests: int = field(default=1, init=False)  # the staging keeps batches in flight instead
 
     def __post_init__(self) -> None:
         import tensorrt as trt
         import torch
 
+        self.artefact_bytes = artefact_size(self.plan_path)
         self.runtime = trt.Runtime(trt_logger())
         self.engine = self.runtime.deserialize_cuda_engine(Path(self.plan_path).read_bytes())
         if self.engine is None:
@@ -169,6 +173,11 @@ class TensorRTEncoder:
         if not self.context.execute_async_v3(torch.cuda.current_stream().cuda_stream):
             raise RuntimeError(f"{self.plan_path}: TensorRT execution failed for a batch of {n}")
         return self.device_out[:n]
+
+    @property
+    def recipe(self) -> EncoderRecipe:
+        artefact = str(Path(self.plan_path).resolve())
+        return EncoderRecipe(self.info, self.backend, self.precision, artefact, self.artefact_sha256, self.artefact_bytes)
 
     def encode_batches(self, batches: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
         """Encode a stream of batches keeping two on the GPU at once (see StagedPipeline)."""

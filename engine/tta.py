@@ -7,10 +7,12 @@ result stays a unit vector in a space the index can search, so they compose with
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import chain
+from typing import Iterable, Iterator
 
 import numpy as np
 
-from fastret.engine.encoders import Encoder, ModelInfo
+from fastret.engine.encoders import Encoder, EncoderRecipe, ModelInfo
 
 
 def l2_normalise(vectors: np.ndarray) -> np.ndarray:
@@ -41,8 +43,8 @@ def flip_averaged(encoder: Encoder, pixels: np.ndarray) -> np.ndarray:
 class FlipAveragedEncoder:
     """An Encoder whose embeddings are flip-averaged; drop-in for embed_files / embed_query.
 
-    The vectors live in the wrapped model's space (same ModelInfo), so a flip-averaged query
-    can search an index built without flips and vice versa.
+    The vectors live in the wrapped model's space (same ModelInfo, same recipe), so a flip-averaged
+    query can search an index built without flips and vice versa.
     """
 
     inner: Encoder
@@ -50,15 +52,23 @@ class FlipAveragedEncoder:
     backend: str = field(init=False)
     precision: str = field(init=False)
     parallel_requests: int = field(init=False)
+    recipe: EncoderRecipe = field(init=False)
 
     def __post_init__(self) -> None:
         self.info = self.inner.info
         self.backend = f"{self.inner.backend}+flip"
-        self.precision = getattr(self.inner, "precision", "fp32")
-        self.parallel_requests = getattr(self.inner, "parallel_requests", 1)
+        self.precision = self.inner.precision
+        self.parallel_requests = self.inner.parallel_requests
+        self.recipe = self.inner.recipe
 
     def encode(self, pixels: np.ndarray) -> np.ndarray:
         return flip_averaged(self.inner, pixels)
+
+    def encode_batches(self, batches: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+        """Each batch and its mirror image go through the wrapped encoder's own stream, one after the other."""
+        views = self.inner.encode_batches(chain.from_iterable((batch, flip_horizontal(batch)) for batch in batches))
+        for plain, mirrored in zip(views, views):
+            yield average_views(plain, mirrored)
 
 
 def ensemble_embeddings(*parts: np.ndarray, weights: tuple[float, ...] | None = None) -> np.ndarray:

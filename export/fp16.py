@@ -9,8 +9,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fastret.export.onnx_export import FP16_ONNX, Parity, derive_onnx
+from fastret.engine.log import Log, no_log
+from fastret.export.onnx_export import Parity, derive_onnx
 
+FP16_STEM = "model.fp16"
+FP16_KIND = "onnx-fp16"
 FP32_OPS = ["LayerNormalization", "Softmax", "ReduceL2", "Div"]
 FP16_MIN_COSINE = 0.999
 
@@ -23,15 +26,16 @@ def convert_fp16(src: Path, dst: Path) -> None:
     onnx.save(model, str(dst))
 
 
-def export_fp16(export_dir: Path, *, image_dir: Path | None = None, log=print) -> tuple[Path, Parity]:
-    """Write model.fp16.onnx beside model.onnx when its parity against fp32 holds; record it."""
+def export_fp16(export_dir: Path, *, image_dir: Path | None = None, log: Log = no_log) -> tuple[Path, Parity]:
+    """The export's model.fp16.DIGEST.onnx, written beside model.onnx when its parity against fp32 holds."""
     return derive_onnx(
         export_dir,
-        FP16_ONNX,
+        FP16_STEM,
         convert_fp16,
+        kind=FP16_KIND,
         label="ONNX fp16 (CPU provider)",
         min_cosine=FP16_MIN_COSINE,
-        info={"precision": "fp16", "fp32_ops": FP32_OPS},
+        settings={"precision": "fp16", "fp32_ops": FP32_OPS},
         image_dir=image_dir,
         log=log,
     )

@@ -7,9 +7,10 @@ A model is named by one of:
   - a local directory holding a Hugging Face CLIP checkpoint;
   - ``auto``: CLIP ViT-B/32 when its weights are cached or quickly fetchable, else the bundled model.
 
-Every model is wrapped as an `EmbeddingModel` (fastret.export.torch_models): uint8 NHWC pixels
-in, L2-normalised float32 embeddings out, normalisation included, so every runtime exported from it
-returns the same vectors.
+Every model is wrapped as an `EmbeddingModel` (fastret.export.torch_models.load_torch_model): uint8
+NHWC pixels in, L2-normalised float32 embeddings out, normalisation included, so every runtime
+exported from it returns the same vectors. This module imports no torch, so a search that runs an
+exported model never pays for it.
 """
 
 from __future__ import annotations
@@ -213,12 +214,3 @@ def resolve_model(name: str) -> tuple[ModelSource, str]:
         f"unknown model {name!r}: use auto, {BUNDLED}, {CLIP_B32}, hf:ORG/NAME or a checkpoint directory"
     )
 
-
-def load_torch_model(source: ModelSource):
-    """The fp32 PyTorch EmbeddingModel of a ModelSource, in eval mode: the reference every runtime matches.
-
-    torch is imported here, not at module load, so searching with an exported model never pays for it.
-    """
-    from fastret.export.torch_models import build_embedding_model
-
-    return build_embedding_model(source)

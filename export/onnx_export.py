@@ -1,13 +1,18 @@
 """PyTorch -> ONNX export of an EmbeddingModel, checked against PyTorch, cached by weights hash.
 
-An export directory holds ``model.onnx`` (fp32), optionally ``model.fp16.onnx`` and a TensorRT
-plan, and ``metadata.json``: model id, weights sha256, preprocessing, dim, opset and the parity
-figures of every artefact. The directory is written atomically, so a half-finished export is
-never picked up by a later run.
+An export directory holds ``model.onnx`` (fp32), the artefacts derived from it (FP16 and INT8
+models, a TensorRT plan), and ``metadata.json``: model id, weights sha256, preprocessing, dim,
+opset, and a record of every artefact (kind, sha256, parity figures). The directory is written
+atomically, so a half-finished export is never picked up by a later run.
+
+Derived models are named by a digest of their inputs (`addressed_name`): made again from the same
+inputs they land on the same path, made from other inputs (another calibration folder) on a new
+one, so an artefact an index was built with is never replaced.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -21,9 +26,11 @@ from typing import TYPE_CHECKING, Callable, Iterable
 
 import numpy as np
 
-from fastret.engine.files import write_text_atomic
 from fastret.engine.decode import ImageError, Preprocessing, list_images, load_pixels
-from fastret.export.models import ModelSource, load_torch_model
+from fastret.engine.encoders import artefact_files
+from fastret.engine.files import sha256_files, write_text_atomic
+from fastret.engine.log import Log, no_log
+from fastret.export.models import ModelSource
 
 if TYPE_CHECKING:
     import torch
@@ -31,7 +38,7 @@ if TYPE_CHECKING:
 ONNX_OPSET = 17
 METADATA_FILE = "metadata.json"
 FP32_ONNX = "model.onnx"
-FP16_ONNX = "model.fp16.onnx"
+FP32_KIND = "onnx-fp32"
 INPUT_NAME = "pixels"
 OUTPUT_NAME = "embeddings"
 PARITY_MIN_COSINE = 0.9999
@@ -90,29 +97,36 @@ def cache_root() -> Path:
     return Path(os.environ.get("FASTRET_CACHE", Path.home() / ".cache" / "fastret")).expanduser()
 
 
+def export_dir_name(model_id: str, weights_sha256: str) -> str:
+    """The name of one model's directory in a cache: keyed by model id and weights hash."""
+    slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in model_id)[-60:]
+    return f"{slug}-{weights_sha256[:16]}"
+
+
 def export_dir_for(source: ModelSource, root: Path | None = None) -> Path:
-    """The cache directory of one model: keyed by model id and weights hash."""
-    slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in source.model_id)[-60:]
-    return (root or cache_root()) / "models" / f"{slug}-{source.weights_sha256[:16]}"
+    """The cache directory of one model (under $FASTRET_CACHE/models unless `root` is given)."""
+    return (root or cache_root()) / "models" / export_dir_name(source.model_id, source.weights_sha256)
 
 
-def decodable_crops(paths: Iterable[Path], spec: Preprocessing, count: int) -> list[np.ndarray]:
-    """Model-ready crops of the first `count` of `paths` that decode; the others are passed over."""
+def decodable_crops(paths: Iterable[Path], spec: Preprocessing, count: int) -> tuple[list[Path], list[np.ndarray]]:
+    """The first `count` of `paths` that decode, and their model-ready crops; the others are passed over."""
+    kept: list[Path] = []
     crops: list[np.ndarray] = []
     for path in paths:
         try:
             crops.append(load_pixels(path, spec))
         except ImageError:
             continue
+        kept.append(path)
         if len(crops) == count:
             break
-    return crops
+    return kept, crops
 
 
 def parity_pixels(spec: Preprocessing, image_dir: Path | None, count: int = PARITY_IMAGES) -> tuple[np.ndarray, str]:
     """Real images for parity checks when a folder is given, else seeded synthetic photos-like noise."""
     if image_dir is not None:
-        crops = decodable_crops(list_images(image_dir), spec, count)
+        _, crops = decodable_crops(list_images(image_dir), spec, count)
         if crops:
             return np.stack(crops), f"real images from {image_dir}"
     rng = np.random.default_rng(0)
@@ -190,14 +204,14 @@ def export_onnx(
     *,
     image_dir: Path | None = None,
     opset: int = ONNX_OPSET,
-    log=print,
+    log: Log = no_log,
 ) -> Path:
     """Export, check parity against PyTorch, write metadata; return the export directory."""
     if opset < 17:
         raise ExportError(f"opset {opset} is too old: fastret needs >= 17")
     out_dir = Path(out_dir) if out_dir is not None else export_dir_for(source)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    from fastret.export.torch_models import exportable  # torch: imported only when exporting
+    from fastret.export.torch_models import exportable, load_torch_model  # torch: imported only when exporting
 
     started = time.perf_counter()
     model = load_torch_model(source)
@@ -225,7 +239,11 @@ def export_onnx(
             "input": INPUT_NAME,
             "output": OUTPUT_NAME,
             "torch_version": _torch_version(),
-            "artefacts": {FP32_ONNX: {"precision": "fp32", "parity_vs_torch": parity.to_dict()}},
+            "artefacts": {
+                FP32_ONNX: artefact_record(
+                    staging / FP32_ONNX, FP32_KIND, precision="fp32", parity_vs_torch=parity.to_dict()
+                )
+            },
             "export_seconds": round(time.perf_counter() - started, 2),
         }
         write_json_atomic(staging / METADATA_FILE, metadata)
@@ -237,7 +255,7 @@ def export_onnx(
     return out_dir
 
 
-def ensure_exported(source: ModelSource, *, image_dir: Path | None = None, log=print) -> Path:
+def ensure_exported(source: ModelSource, *, image_dir: Path | None = None, log: Log = no_log) -> Path:
     """The cached export of a model, exporting on first use only."""
     out_dir = export_dir_for(source)
     if (out_dir / METADATA_FILE).is_file() and (out_dir / FP32_ONNX).is_file():
@@ -248,29 +266,76 @@ def ensure_exported(source: ModelSource, *, image_dir: Path | None = None, log=p
     return export_onnx(source, out_dir, image_dir=image_dir, log=log)
 
 
-def add_artefact(export_dir: Path, name: str, info: dict) -> None:
-    """Record an extra artefact (fp16 ONNX, TensorRT plan, INT8 model) in metadata.json."""
+def artefact_record(path: Path, kind: str, **info) -> dict:
+    """What metadata.json says of an artefact: its kind, sha256 (for verification; opening checks only
+    the size), when it was made (the newest of a kind is the one new jobs use), and `info`."""
+    return {**info, "kind": kind, "sha256": sha256_files(artefact_files(path)), "made": round(time.time(), 3)}
+
+
+def add_artefact(export_dir: Path, name: str, kind: str, **info) -> None:
+    """Record an artefact made in the export (FP16 / INT8 model, TensorRT plan) in metadata.json.
+
+    `name`: the path of the file a runtime opens, relative to the export directory.
+    """
     metadata = read_metadata(export_dir)
-    metadata.setdefault("artefacts", {})[name] = info
+    metadata.setdefault("artefacts", {})[name] = artefact_record(export_dir / name, kind, **info)
     write_json_atomic(export_dir / METADATA_FILE, metadata)
+
+
+def find_artefact(export_dir: Path, kind: str) -> tuple[Path, dict] | None:
+    """The newest recorded artefact of a kind whose files are all present, and its record; None when none is."""
+    recorded = read_metadata(export_dir).get("artefacts", {})
+    of_kind = sorted(
+        ((record.get("made", 0.0), name) for name, record in recorded.items() if record.get("kind") == kind),
+        reverse=True,
+    )
+    for _, name in of_kind:
+        if all(part.is_file() for part in artefact_files(export_dir / name)):
+            return export_dir / name, recorded[name]
+    return None
+
+
+def fp32_sha256(export_dir: Path) -> str:
+    """sha256 of the export's fp32 ONNX: recorded at export, hashed here for exports made before that."""
+    recorded = read_metadata(export_dir)["artefacts"][FP32_ONNX].get("sha256")
+    return recorded or sha256_files([export_dir / FP32_ONNX])
+
+
+def addressed_name(stem: str, inputs: dict, suffix: str = "") -> str:
+    """`stem.DIGEST` + suffix: a derived artefact's name, DIGEST a hash of everything it is made from."""
+    digest = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+    return f"{stem}.{digest}{suffix}"
+
+
+def recorded_parity(record: dict) -> Parity:
+    """The parity check an artefact passed when it was made, from its record."""
+    return Parity(**record["parity_vs_onnx_fp32"])
 
 
 def derive_onnx(
     export_dir: Path,
-    name: str,
+    stem: str,
     convert: Callable[[Path, Path], None],
     *,
+    kind: str,
     label: str,
     min_cosine: float,
-    info: dict,
+    settings: dict,
     image_dir: Path | None = None,
-    log=print,
+    log: Log = no_log,
 ) -> tuple[Path, Parity]:
-    """Write a variant of model.onnx (fp16, int8) and keep it only if its parity against fp32 holds.
+    """A variant of model.onnx (fp16, int8), kept only if its parity against fp32 holds.
 
-    The variant is converted into a staging file and renamed into place after the check, so a
-    failed or interrupted conversion never leaves a file that later runs would pick up.
+    Its name carries a digest of the fp32 graph and the conversion `settings`: when that file is
+    already recorded it is returned as it is. Otherwise the variant is converted into a staging file
+    and renamed into place after the check, so a failed or interrupted conversion never leaves a
+    file that later runs would pick up.
     """
+    name = addressed_name(stem, {"kind": kind, "from": fp32_sha256(export_dir), **settings}, ".onnx")
+    target = export_dir / name
+    record = read_metadata(export_dir).get("artefacts", {}).get(name)
+    if record is not None and target.is_file():
+        return target, recorded_parity(record)
     spec = Preprocessing.from_dict(read_metadata(export_dir)["preprocessing"])
     fd, staging_name = tempfile.mkstemp(dir=export_dir, prefix=f".{name}.", suffix=".tmp")
     os.close(fd)
@@ -282,8 +347,8 @@ def derive_onnx(
         log(parity.line(f"{label} vs ONNX fp32"))
         if parity.min_cosine < min_cosine:
             raise ValueError(f"{label} min cosine {parity.min_cosine:.5f} < {min_cosine}; not kept")
-        os.replace(staging, export_dir / name)
+        os.replace(staging, target)
     finally:
         staging.unlink(missing_ok=True)
-    add_artefact(export_dir, name, {**info, "parity_vs_onnx_fp32": parity.to_dict()})
-    return export_dir / name, parity
+    add_artefact(export_dir, name, kind, **settings, parity_vs_onnx_fp32=parity.to_dict())
+    return target, parity

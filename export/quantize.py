@@ -8,7 +8,9 @@
   NNCF compresses to INT8, the CPU plugin quantising activations per row in groups, so an image
   embeds the same alone or in any batch.
 * CNNs (EfficientNet-Lite): static INT8 OpenVINO IR from NNCF post-training quantisation,
-  calibrated on the images being indexed (never queries). The pointwise convolutions run in INT8
+  calibrated on the images being indexed (never queries): a sorted, evenly strided list of the
+  folder's images, recorded with the model, so calibrating on the same images makes the same
+  model at the same path, and on other images a new model beside it. The pointwise convolutions run in INT8
   (weights per channel); OpenVINO's CPU plugin keeps the depthwise ones in bf16 even though NNCF
   quantises their inputs: P@10 moves by at most -0.0015 for +24-42% images/s over bf16 in the
   pipeline (BENCHMARKS.md, "CPU speed"). Static INT8 of the same graph through ONNX Runtime's QDQ
@@ -27,24 +29,32 @@ from pathlib import Path
 import numpy as np
 
 from fastret.engine.decode import Preprocessing, list_images
+from fastret.engine.files import sha256_files
+from fastret.engine.log import Log, no_log
 from fastret.export.onnx_export import (
     FP32_ONNX,
     Parity,
     add_artefact,
+    addressed_name,
     compare_embeddings,
     decodable_crops,
     derive_onnx,
+    fp32_sha256,
     onnx_embed,
     parity_pixels,
     read_metadata,
+    recorded_parity,
 )
 
-INT8_ONNX = "model.int8.onnx"
+INT8_ONNX_STEM = "model.int8"
+INT8_ONNX_KIND = "onnx-int8-dynamic"
 INT8_MIN_COSINE = 0.999
 INT8_FAMILIES = ("clip",)
 
-OPENVINO_INT8_DIR = "openvino-int8"
+OPENVINO_INT8_STEM = "openvino-int8"
+"""A directory, openvino-int8.DIGEST/, holding model.xml and model.bin."""
 OPENVINO_INT8_XML = "model.xml"
+OPENVINO_INT8_KIND = "openvino-int8"
 OPENVINO_STATIC_INT8_FAMILIES = ("efficientnet-lite",)
 """Calibrated: weights and activations quantised ahead, from the images being indexed."""
 OPENVINO_WEIGHT_INT8_FAMILIES = ("clip",)
@@ -66,18 +76,19 @@ def quantize_dynamic_int8(src: Path, dst: Path) -> None:
     )
 
 
-def export_int8(export_dir: Path, *, image_dir: Path | None = None, log=print) -> tuple[Path, Parity]:
-    """Write model.int8.onnx beside model.onnx when its parity against fp32 holds; record it."""
+def export_int8(export_dir: Path, *, image_dir: Path | None = None, log: Log = no_log) -> tuple[Path, Parity]:
+    """The export's model.int8.DIGEST.onnx, written beside model.onnx when its parity against fp32 holds."""
     family = read_metadata(export_dir)["family"]
     if family not in INT8_FAMILIES:
         raise ValueError(f"dynamic INT8 ONNX is offered for {', '.join(INT8_FAMILIES)} models, not {family}")
     return derive_onnx(
         export_dir,
-        INT8_ONNX,
+        INT8_ONNX_STEM,
         quantize_dynamic_int8,
+        kind=INT8_ONNX_KIND,
         label="ONNX int8 (dynamic)",
         min_cosine=INT8_MIN_COSINE,
-        info={"precision": "int8-dynamic", "ops": ["MatMul", "Gemm"]},
+        settings={"precision": "int8-dynamic", "ops": ["MatMul", "Gemm"]},
         image_dir=image_dir,
         log=log,
     )
@@ -92,15 +103,16 @@ def nncf_missing() -> str | None:
     return None
 
 
-def calibration_pixels(
+def calibration_set(
     spec: Preprocessing, image_dir: Path, count: int = CALIBRATION_IMAGES, minimum: int = MIN_CALIBRATION_IMAGES
-) -> np.ndarray:
-    """Up to `count` decodable images spread evenly over the folder (every class, not the first)."""
+) -> tuple[list[Path], np.ndarray]:
+    """Up to `count` decodable images spread evenly over the sorted folder (every class, not the
+    first), and their pixels: the same folder always gives the same list."""
     paths = list_images(image_dir)
-    crops = decodable_crops(paths[:: max(1, len(paths) // count)], spec, count)
+    files, crops = decodable_crops(paths[:: max(1, len(paths) // count)], spec, count)
     if len(crops) < minimum:
         raise ValueError(f"static INT8 needs {minimum} images to calibrate on; {image_dir} has {len(crops)}")
-    return np.stack(crops)
+    return files, np.stack(crops)
 
 
 def openvino_embed(model_xml: Path, pixels: np.ndarray, batch_size: int = 16) -> np.ndarray:
@@ -116,33 +128,43 @@ def openvino_embed(model_xml: Path, pixels: np.ndarray, batch_size: int = 16) ->
     return np.concatenate(parts).astype(np.float32)
 
 
-def _calibrated_int8(model, spec: Preprocessing, image_dir: Path | None, count: int, minimum: int, log):
-    """NNCF static INT8 of an OpenVINO model, calibrated on images spread over `image_dir`."""
+def _calibrated_int8(model, calibration: np.ndarray):
+    """NNCF static INT8 of an OpenVINO model, its statistics over every calibration image, in order."""
     import nncf
 
-    if image_dir is None:
-        raise ValueError("static INT8 needs calibration images: index a folder first (`fastret index DIR`)")
-    calibration = calibration_pixels(spec, image_dir, count, minimum)
-    log(f"calibrating INT8 on {len(calibration)} images from {image_dir} (once per model)")
     dataset = nncf.Dataset([calibration[i : i + 1] for i in range(len(calibration))])
     with contextlib.redirect_stdout(sys.stderr):  # NNCF's progress bar: stdout is for results
-        quantized = nncf.quantize(model, dataset, subset_size=len(calibration))
-    record = {"precision": "int8-static", "calibration": {"images": len(calibration), "folder": str(image_dir)}}
-    return quantized, record
+        return nncf.quantize(model, dataset, subset_size=len(calibration))
 
 
-def _weight_int8(model, log):
+def _weight_int8(model, log: Log):
     """INT8 weights (symmetric, per output channel) for every matrix product; activations stay float
     in the IR and the CPU plugin quantises them at run time (compile_config)."""
     import nncf
 
-    from fastret.engine.openvino_runtime import DYNAMIC_QUANTIZATION_GROUP_SIZE
-
     log("compressing weights to INT8 (once per model)")
     with contextlib.redirect_stdout(sys.stderr):
-        compressed = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_SYM)
-    record = {"precision": "int8-weights", "activations": f"dynamic, groups of {DYNAMIC_QUANTIZATION_GROUP_SIZE}"}
-    return compressed, record
+        return nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_SYM)
+
+
+def _openvino_int8_plan(
+    export_dir: Path, family: str, spec: Preprocessing, image_dir: Path | None, count: int, minimum: int
+) -> tuple[dict, dict, np.ndarray | None]:
+    """What the INT8 model is made from (its name's digest), the record it gets, and the calibration pixels."""
+    from fastret.engine.openvino_runtime import DYNAMIC_QUANTIZATION_GROUP_SIZE
+
+    inputs: dict = {"kind": OPENVINO_INT8_KIND, "from": fp32_sha256(export_dir)}
+    if family in OPENVINO_WEIGHT_INT8_FAMILIES:
+        record = {"precision": "int8-weights", "activations": f"dynamic, groups of {DYNAMIC_QUANTIZATION_GROUP_SIZE}"}
+        return {**inputs, "precision": "int8-weights", "mode": "INT8_SYM"}, record, None
+    if image_dir is None:
+        raise ValueError("static INT8 needs calibration images: index a folder first (`fastret index DIR`)")
+    files, calibration = calibration_set(spec, image_dir, count, minimum)
+    names = [path.relative_to(image_dir).as_posix() for path in files]
+    calibrated_on = {"images": len(files), "folder": str(image_dir), "files": names}
+    record = {"precision": "int8-static", "calibration": calibrated_on}
+    images = [[name, sha256_files([path])] for name, path in zip(names, files)]
+    return {**inputs, "precision": "int8-static", "calibration": images}, record, calibration
 
 
 def export_openvino_int8(
@@ -151,31 +173,40 @@ def export_openvino_int8(
     *,
     count: int = CALIBRATION_IMAGES,
     minimum: int = MIN_CALIBRATION_IMAGES,
-    log=print,
+    log: Log = no_log,
 ) -> tuple[Path, Parity]:
-    """Write openvino-int8/model.xml (+ .bin) beside model.onnx, if parity holds; record it.
+    """The export's openvino-int8.DIGEST/model.xml (+ .bin), made when its parity holds, and recorded.
 
     CNNs are calibrated on `image_dir` (static INT8, kept at mean cosine >= 0.98); CLIP gets INT8
-    weights (kept at min cosine >= 0.999, as the ONNX Runtime INT8). Both files are written into a
-    staging directory that is renamed into place after the check, so an interrupted or failed run
-    never leaves a half-written model that later runs would pick up.
+    weights (kept at min cosine >= 0.999, as the ONNX Runtime INT8). DIGEST hashes the fp32 graph
+    and, for CNNs, the calibration images (names and bytes): the same images give the same path,
+    returned as it is when recorded; other images a new one. Both files are written into a staging
+    directory renamed into place after the check, so an interrupted or failed run never leaves a
+    half-written model that later runs would pick up.
     """
     metadata = read_metadata(export_dir)
     family = metadata["family"]
     if family not in OPENVINO_INT8_FAMILIES:
         raise ValueError(f"OpenVINO INT8 is offered for {', '.join(OPENVINO_INT8_FAMILIES)} models, not {family}")
+    spec = Preprocessing.from_dict(metadata["preprocessing"])
+    inputs, record, calibration = _openvino_int8_plan(export_dir, family, spec, image_dir, count, minimum)
+    name = addressed_name(OPENVINO_INT8_STEM, inputs)
+    target = export_dir / name
+    recorded = metadata.get("artefacts", {}).get(f"{name}/{OPENVINO_INT8_XML}")
+    if recorded is not None and (target / OPENVINO_INT8_XML).is_file():
+        return target / OPENVINO_INT8_XML, recorded_parity(recorded)
     missing = nncf_missing()
     if missing:
         raise ValueError(f"OpenVINO INT8 needs NNCF: {missing}")
     import openvino as ov
 
-    spec = Preprocessing.from_dict(metadata["preprocessing"])
     model = ov.Core().read_model(str(export_dir / FP32_ONNX))
-    if family in OPENVINO_STATIC_INT8_FAMILIES:
-        quantized, record = _calibrated_int8(model, spec, image_dir, count, minimum, log)
+    if calibration is not None:
+        log(f"calibrating INT8 on {len(calibration)} images from {image_dir} (once per model)")
+        quantized = _calibrated_int8(model, calibration)
     else:
-        quantized, record = _weight_int8(model, log)
-    staging = Path(tempfile.mkdtemp(dir=export_dir, prefix=f".{OPENVINO_INT8_DIR}."))
+        quantized = _weight_int8(model, log)
+    staging = Path(tempfile.mkdtemp(dir=export_dir, prefix=f".{name}."))
     try:
         ov.save_model(quantized, str(staging / OPENVINO_INT8_XML))
         pixels, source = parity_pixels(spec, image_dir)
@@ -189,11 +220,12 @@ def export_openvino_int8(
             )
         if family in OPENVINO_WEIGHT_INT8_FAMILIES and parity.min_cosine < INT8_MIN_COSINE:
             raise ValueError(f"OpenVINO int8 min cosine {parity.min_cosine:.5f} < {INT8_MIN_COSINE}; not kept")
-        target = export_dir / OPENVINO_INT8_DIR
-        if target.exists():  # another process made it meanwhile: keep its model and its record
+        if target.exists():  # another process made it from the same inputs meanwhile: keep its model and its record
             return target / OPENVINO_INT8_XML, parity
         os.replace(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    add_artefact(export_dir, OPENVINO_INT8_DIR, {**record, "parity_vs_onnx_fp32": parity.to_dict()})
-    return export_dir / OPENVINO_INT8_DIR / OPENVINO_INT8_XML, parity
+    add_artefact(
+        export_dir, f"{name}/{OPENVINO_INT8_XML}", OPENVINO_INT8_KIND, **record, parity_vs_onnx_fp32=parity.to_dict()
+    )
+    return target / OPENVINO_INT8_XML, parity

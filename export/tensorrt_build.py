@@ -1,6 +1,6 @@
 """ONNX -> TensorRT FP16 plan (TensorRT 10 API), checked against ONNX Runtime fp32, tied to its GPU.
 
-Precision: the plan is a *strongly typed* network parsed from ``model.fp16.onnx`` (export/fp16.py),
+Precision: the plan is a *strongly typed* network parsed from the FP16 ONNX (export/fp16.py),
 not a weakly typed fp32 network with ``BuilderFlag.FP16`` plus per-layer precision constraints.
 Why: (1) the FP32 islands for LayerNorm / Softmax / L2-norm that FP16 transformers need
 (NVIDIA/TensorRT#2564, #4111) are then decided in one place, `fastret.export.fp16.FP32_OPS`, and
@@ -31,6 +31,7 @@ from pathlib import Path
 
 from fastret.engine.decode import Preprocessing
 from fastret.engine.encoders import ModelInfo
+from fastret.engine.log import Log, no_log
 from fastret.engine.tensorrt_runtime import (
     PLAN_FILE,
     PlanTarget,
@@ -40,7 +41,6 @@ from fastret.engine.tensorrt_runtime import (
     trt_logger,
 )
 from fastret.export.onnx_export import (
-    FP16_ONNX,
     FP32_ONNX,
     INPUT_NAME,
     ExportError,
@@ -52,6 +52,7 @@ from fastret.export.onnx_export import (
     read_metadata,
 )
 
+PLAN_KIND = "tensorrt-plan"
 TRT_MIN_COSINE = 0.999
 DEFAULT_WORKSPACE_GIB = 4.0
 INPUT_CAST_NODE = "fastret_input_cast"
@@ -170,7 +171,7 @@ def build_serialized_plan(
     profile: BatchProfile,
     workspace_bytes: int,
     timing_cache: Path,
-    log=print,
+    log: Log = no_log,
 ) -> bytes:
     """Parse a (mixed-precision) ONNX model into a strongly typed network and build a plan."""
     import tensorrt as trt
@@ -202,7 +203,7 @@ def build_plan_for_export(
     export_dir: Path,
     *,
     image_dir: Path | None = None,
-    log=print,
+    log: Log = no_log,
     profile: BatchProfile = DEFAULT_PROFILE,
     workspace_gib: float = DEFAULT_WORKSPACE_GIB,
 ) -> Path:
@@ -218,8 +219,7 @@ def build_plan_for_export(
     metadata = read_metadata(export_dir)
     info = ModelInfo.from_dict(metadata)
     spec: Preprocessing = info.preprocessing
-    if not (export_dir / FP16_ONNX).is_file():
-        export_fp16(export_dir, image_dir=image_dir, log=log)
+    fp16_onnx, _ = export_fp16(export_dir, image_dir=image_dir, log=log)  # the recorded one, or made now
     target = current_target()
     cache = timing_cache_path(target)
     log(
@@ -227,7 +227,7 @@ def build_plan_for_export(
         f"batch {profile.min}/{profile.opt}/{profile.max}, workspace {workspace_gib:g} GiB, timing cache {cache}"
     )
     started = time.perf_counter()
-    model = prepare_onnx_for_tensorrt(onnx.load(str(export_dir / FP16_ONNX)), metadata.get("input", INPUT_NAME))
+    model = prepare_onnx_for_tensorrt(onnx.load(str(fp16_onnx)), metadata.get("input", INPUT_NAME))
     plan_bytes = build_serialized_plan(
         model.SerializeToString(),
         metadata.get("input", INPUT_NAME),
@@ -257,15 +257,14 @@ def build_plan_for_export(
     add_artefact(
         export_dir,
         PLAN_FILE,
-        {
-            **target.to_dict(),
-            "precision": f"fp16, strongly typed from {FP16_ONNX}",
-            "fp32_ops": FP32_OPS,
-            "batch_profile": profile.to_dict(),
-            "workspace_gib": workspace_gib,
-            "timing_cache": str(cache),
-            "build_seconds": round(build_seconds, 1),
-            "parity_vs_onnx_fp32": parity.to_dict(),
-        },
+        PLAN_KIND,
+        **target.to_dict(),
+        precision=f"fp16, strongly typed from {fp16_onnx.name}",
+        fp32_ops=FP32_OPS,
+        batch_profile=profile.to_dict(),
+        workspace_gib=workspace_gib,
+        timing_cache=str(cache),
+        build_seconds=round(build_seconds, 1),
+        parity_vs_onnx_fp32=parity.to_dict(),
     )
     return plan

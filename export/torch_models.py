@@ -112,8 +112,8 @@ def _clip_backbone(directory: Path) -> nn.Module:
     return _ClipImageEmbeds(model)
 
 
-def build_embedding_model(source: ModelSource) -> EmbeddingModel:
-    """The fp32 PyTorch module of a ModelSource, in eval mode."""
+def load_torch_model(source: ModelSource) -> EmbeddingModel:
+    """The fp32 PyTorch EmbeddingModel of a ModelSource, in eval mode: the reference every runtime matches."""
     if source.family == "efficientnet-lite":
         backbone = _efficientnet_backbone(source.location)
     elif source.family == "clip":

@@ -55,10 +55,7 @@ def evaluate_folders(
             raise ValueError(f"{index_dir}: the index was built from {index.root}, not {db_dir}")
         seconds["index_load"] = _since(started)
         started = time.perf_counter()
-        encoder = encoder_for_index(
-            index.model, backend, threads=threads, precision=precision, workload="throughput",
-            recorded=index.runtime, log=log,
-        )
+        encoder = encoder_for_index(index, backend, threads=threads, precision=precision, workload="throughput", log=log)
         retriever = Retriever(index, encoder)
         encoder = FlipAveragedEncoder(encoder) if options.flip_tta else encoder  # queries only: the index is built
         seconds["model_load"] = _since(started)

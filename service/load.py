@@ -1,4 +1,11 @@
-"""Model name + backend -> a ready Encoder, exporting the model on first use."""
+"""Encoders for jobs: a model name + backend -> a ready Encoder, and an index -> its own encoder.
+
+Jobs that embed a gallery (index, eval) open encoders by name and make what they need in the
+model cache on first use (ONNX export, FP16 / INT8 models). Jobs that embed queries against an
+index (search, serve) reopen exactly the encoder the index recorded (its `EncoderRecipe`): the
+same artefact file, backend and precision, opened read-only; they never write into the model
+cache and never silently embed with another model or runtime.
+"""
 
 from __future__ import annotations
 
@@ -10,16 +17,36 @@ from fastret.engine.encoders import (
     BACKENDS,
     PRECISIONS,
     Encoder,
+    EncoderRecipe,
     ModelInfo,
     OnnxEncoder,
     TorchEncoder,
+    artefact_files,
+    artefact_size,
     ort_providers,
     ort_tensorrt_options,
 )
+from fastret.engine.index import Index
+from fastret.engine.log import Log, no_log
 from fastret.engine.openvino_runtime import OpenVinoEncoder, cpu_supports_bf16, openvino_missing
 from fastret.engine.tensorrt_runtime import PLAN_FILE, TensorRTEncoder, plan_status
-from fastret.export.models import ModelSource, load_torch_model, resolve_model
-from fastret.export.onnx_export import FP16_ONNX, FP32_ONNX, INPUT_NAME, ensure_exported
+from fastret.export.models import ModelSource, resolve_model
+from fastret.export.onnx_export import (
+    FP32_ONNX,
+    INPUT_NAME,
+    ExportError,
+    cache_root,
+    ensure_exported,
+    export_dir_name,
+    find_artefact,
+    read_metadata,
+)
+
+TORCH_PRECISIONS = {"torch": "fp32", "torch-cuda": "fp32", "torch-cuda-fp16": "fp16"}
+"""The PyTorch backends and the one precision each runs."""
+ARTEFACT_BACKENDS = ("onnxruntime", "onnxruntime-trt", "openvino", "tensorrt")
+"""The backends that run an exported artefact file."""
+OPENVINO_CACHE = "openvino-cache"
 
 
 class BackendUnavailable(Exception):
@@ -43,12 +70,13 @@ def encoder_for_source(
     image_dir: Path | None = None,
     precision: str = "auto",
     workload: str = "latency",
-    log=print,
+    log: Log = no_log,
 ) -> Encoder:
-    """An Encoder for a resolved model on the chosen backend and precision.
+    """An Encoder for a resolved model on the chosen backend and precision, making its artefacts
+    in the model cache on first use (INT8 CNNs are calibrated on `image_dir`).
 
     `workload`: "latency" for one query at a time, "throughput" for batch jobs (index, eval), where
-    OpenVINO then serves several batches at once; other runtimes ignore it.
+    CPU runtimes then serve several batches at once; GPU runtimes ignore it.
     """
     if backend not in BACKENDS:
         raise BackendUnavailable(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
@@ -56,20 +84,14 @@ def encoder_for_source(
         raise BackendUnavailable(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     info = model_info(source)
     extra = {"threads": threads} if threads else {}
-    if backend == "torch":
-        return TorchEncoder(load_torch_model(source), info, **extra)
-    if backend in ("torch-cuda", "torch-cuda-fp16"):
-        missing = cuda_missing()
-        if missing:
-            raise BackendUnavailable(f"backend {backend}: {missing}")
-        fast = backend == "torch-cuda-fp16"  # else fp32 eager: the GPU PyTorch baseline
-        return TorchCudaEncoder(load_torch_model(source), info, half=fast, graphs=fast)
+    if backend in TORCH_PRECISIONS:
+        return _torch_encoder(source, backend, precision, **extra)
     export_dir = ensure_exported(source, image_dir=image_dir, log=log)
     if backend in ("tensorrt", "auto"):
-        plan, reason = plan_status(export_dir)
+        plan, reason = plan_status(export_dir / PLAN_FILE, _record(export_dir, PLAN_FILE))
         if plan is not None:
             try:
-                return TensorRTEncoder(plan, info)
+                return TensorRTEncoder(plan, info, artefact_sha256=_recorded_sha256(export_dir, plan))
             except RuntimeError as exc:  # a plan TensorRT cannot load: say so, never crash `auto`
                 plan, reason = None, str(exc)
         if backend == "tensorrt":
@@ -89,11 +111,32 @@ def encoder_for_source(
         path = _int8_onnx(export_dir, source.family, image_dir, required=precision == "int8", log=log)
         if path is not None:
             return OnnxEncoder(
-                path, info, providers=["CPUExecutionProvider"], precision="int8", workload=workload, **extra
+                path,
+                info,
+                providers=["CPUExecutionProvider"],
+                precision="int8",
+                workload=workload,
+                artefact_sha256=_recorded_sha256(export_dir, path),
+                **extra,
             )
-    return _onnx_encoder(
-        export_dir, info, tensorrt_ep=backend == "onnxruntime-trt", image_dir=image_dir, log=log, workload=workload, **extra
-    )
+    tensorrt_ep = backend == "onnxruntime-trt"
+    return _onnx_encoder(export_dir, info, tensorrt_ep=tensorrt_ep, image_dir=image_dir, log=log, workload=workload, **extra)
+
+
+def _torch_encoder(source: ModelSource, backend: str, precision: str, **extra) -> Encoder:
+    """PyTorch eager on the CPU (fp32), or on a CUDA GPU: fp32, or FP16 with CUDA graphs."""
+    from fastret.export.torch_models import load_torch_model  # torch: imported only for these backends
+
+    runs = TORCH_PRECISIONS[backend]
+    if precision not in ("auto", runs):
+        raise BackendUnavailable(f"backend {backend} runs {runs}, not {precision}")
+    if backend == "torch":
+        return TorchEncoder(load_torch_model(source), model_info(source), **extra)
+    missing = cuda_missing()
+    if missing:
+        raise BackendUnavailable(f"backend {backend}: {missing}")
+    fast = backend == "torch-cuda-fp16"  # else fp32 eager: the GPU PyTorch baseline
+    return TorchCudaEncoder(load_torch_model(source), model_info(source), half=fast, graphs=fast)
 
 
 def _cpu_backend(family: str, precision: str) -> str:
@@ -119,6 +162,20 @@ def _cpu_only() -> bool:
     return "CUDAExecutionProvider" not in ort.get_available_providers()
 
 
+def _record(export_dir: Path, name: str) -> dict | None:
+    """What the export's metadata.json records of one artefact (None: nothing)."""
+    try:
+        return read_metadata(export_dir).get("artefacts", {}).get(name)
+    except ExportError:
+        return None
+
+
+def _recorded_sha256(export_dir: Path, path: Path) -> str | None:
+    """The sha256 the export recorded for an artefact in it (None for artefacts made before that)."""
+    record = _record(export_dir, path.relative_to(export_dir).as_posix())
+    return None if record is None else record.get("sha256")
+
+
 def _openvino_encoder(
     export_dir: Path,
     info: ModelInfo,
@@ -127,35 +184,39 @@ def _openvino_encoder(
     workload: str,
     *,
     image_dir: Path | None,
-    log,
+    log: Log,
     **extra,
 ) -> Encoder:
     """OpenVINO on the CPU: INT8 where the model has it, else bf16 where the CPU has it, else fp32."""
     missing = openvino_missing()
     if missing:
         raise BackendUnavailable(f"backend openvino: {missing}")
-    cache_dir = export_dir / "openvino-cache"
+    cache_dir = export_dir / OPENVINO_CACHE
+    model = None
     if precision in ("auto", "int8"):
         model = _openvino_int8(export_dir, family, image_dir, required=precision == "int8", log=log)
-        if model is not None:
-            return OpenVinoEncoder(model, info, precision="int8", cache_dir=cache_dir, workload=workload, **extra)
-    if precision == "auto":
-        precision = "bf16" if cpu_supports_bf16() else "fp32"
-    if precision == "bf16" and not cpu_supports_bf16():
-        raise BackendUnavailable("precision bf16: this CPU has no native bfloat16 arithmetic")
+    if model is not None:
+        precision = "int8"
+    else:
+        model = export_dir / FP32_ONNX
+        if precision == "auto":
+            precision = "bf16" if cpu_supports_bf16() else "fp32"
+        if precision == "bf16" and not cpu_supports_bf16():
+            raise BackendUnavailable("precision bf16: this CPU has no native bfloat16 arithmetic")
     return OpenVinoEncoder(
-        export_dir / FP32_ONNX, info, precision=precision, cache_dir=cache_dir, workload=workload, **extra
+        model,
+        info,
+        precision=precision,
+        cache_dir=cache_dir,
+        workload=workload,
+        artefact_sha256=_recorded_sha256(export_dir, model),
+        **extra,
     )
 
 
-def _openvino_int8(export_dir: Path, family: str, image_dir: Path | None, *, required: bool, log) -> Path | None:
+def _openvino_int8(export_dir: Path, family: str, image_dir: Path | None, *, required: bool, log: Log) -> Path | None:
     """The export's INT8 OpenVINO model, made on first use (CNNs: calibrated on `image_dir`)."""
-    from fastret.export.quantize import (
-        OPENVINO_INT8_DIR,
-        OPENVINO_INT8_FAMILIES,
-        OPENVINO_INT8_XML,
-        export_openvino_int8,
-    )
+    from fastret.export.quantize import OPENVINO_INT8_FAMILIES, OPENVINO_INT8_KIND, export_openvino_int8
 
     if family not in OPENVINO_INT8_FAMILIES:
         if required:
@@ -164,7 +225,8 @@ def _openvino_int8(export_dir: Path, family: str, image_dir: Path | None, *, req
             )
         return None
     return _derived_model(
-        export_dir / OPENVINO_INT8_DIR / OPENVINO_INT8_XML,
+        export_dir,
+        OPENVINO_INT8_KIND,
         lambda: export_openvino_int8(export_dir, image_dir, log=log)[0],
         required=required,
         fallback=f"OpenVINO {'bf16' if cpu_supports_bf16() else 'fp32'} instead of int8",
@@ -172,9 +234,9 @@ def _openvino_int8(export_dir: Path, family: str, image_dir: Path | None, *, req
     )
 
 
-def _int8_onnx(export_dir: Path, family: str, image_dir: Path | None, *, required: bool, log) -> Path | None:
+def _int8_onnx(export_dir: Path, family: str, image_dir: Path | None, *, required: bool, log: Log) -> Path | None:
     """The export's dynamic-INT8 ONNX (transformer models), written on first use; None when not offered."""
-    from fastret.export.quantize import INT8_FAMILIES, INT8_ONNX, OPENVINO_INT8_FAMILIES, export_int8
+    from fastret.export.quantize import INT8_FAMILIES, INT8_ONNX_KIND, OPENVINO_INT8_FAMILIES, export_int8
 
     if family not in INT8_FAMILIES:
         if required:
@@ -182,7 +244,8 @@ def _int8_onnx(export_dir: Path, family: str, image_dir: Path | None, *, require
             raise BackendUnavailable(f"precision int8 for {family} models {where}")
         return None
     return _derived_model(
-        export_dir / INT8_ONNX,
+        export_dir,
+        INT8_ONNX_KIND,
         lambda: export_int8(export_dir, image_dir=image_dir, log=log)[0],
         required=required,
         fallback="using the fp32 ONNX",
@@ -190,11 +253,14 @@ def _int8_onnx(export_dir: Path, family: str, image_dir: Path | None, *, require
     )
 
 
-def _derived_model(path: Path, make: Callable[[], Path], *, required: bool, fallback: str, log) -> Path | None:
-    """A variant of the fp32 ONNX (fp16, int8), made on first use; None, and the fp32 ONNX stays, when
-    the variant cannot be made or fails its parity check (an error when the user asked for it)."""
-    if path.is_file():
-        return path
+def _derived_model(
+    export_dir: Path, kind: str, make: Callable[[], Path], *, required: bool, fallback: str, log: Log
+) -> Path | None:
+    """The export's newest model of a kind (fp16, int8), made when it has none; None, and the fp32
+    ONNX stays, when it cannot be made or fails its parity check (an error when the user asked for it)."""
+    found = find_artefact(export_dir, kind)
+    if found is not None:
+        return found[0]
     try:
         return make()
     except ValueError as exc:
@@ -204,37 +270,64 @@ def _derived_model(path: Path, make: Callable[[], Path], *, required: bool, fall
         return None
 
 
-def _onnx_encoder(export_dir: Path, info: ModelInfo, *, tensorrt_ep: bool, image_dir: Path | None, log, **extra) -> OnnxEncoder:
-    """ONNX Runtime on the best provider this build has; the FP16 ONNX when CUDA runs it."""
+def _tensorrt_ep_missing() -> str | None:
     import onnxruntime as ort
 
     available = ort.get_available_providers()
-    if tensorrt_ep and "TensorrtExecutionProvider" not in available:
-        raise BackendUnavailable(
-            "backend onnxruntime-trt needs an onnxruntime build with the TensorRT execution provider "
-            f"(this one has {', '.join(available)}); on an NVIDIA GPU run `pip install 'fastret[gpu]'`"
+    if "TensorrtExecutionProvider" in available:
+        return None
+    return (
+        "backend onnxruntime-trt needs an onnxruntime build with the TensorRT execution provider "
+        f"(this one has {', '.join(available)}); on an NVIDIA GPU run `pip install 'fastret[gpu]'`"
+    )
+
+
+def _tensorrt_ep_providers(info: ModelInfo, cache_dir: Path | None) -> list:
+    from fastret.export.tensorrt_build import DEFAULT_PROFILE
+
+    batches = (DEFAULT_PROFILE.min, DEFAULT_PROFILE.opt, DEFAULT_PROFILE.max)
+    return ort_providers(tensorrt_options=ort_tensorrt_options(cache_dir, INPUT_NAME, info.preprocessing.size, batches))
+
+
+def _onnx_encoder(
+    export_dir: Path, info: ModelInfo, *, tensorrt_ep: bool, image_dir: Path | None, log: Log, **extra
+) -> OnnxEncoder:
+    """ONNX Runtime on the best provider this build has; the FP16 ONNX when CUDA runs it."""
+    import onnxruntime as ort
+
+    if tensorrt_ep:
+        missing = _tensorrt_ep_missing()
+        if missing:
+            raise BackendUnavailable(missing)
+        path = export_dir / FP32_ONNX
+        return OnnxEncoder(
+            path,
+            info,
+            providers=_tensorrt_ep_providers(info, export_dir / "ort-tensorrt-cache"),
+            precision="fp16",
+            backend="onnxruntime-trt",
+            artefact_sha256=_recorded_sha256(export_dir, path),
+            **extra,
         )
-    options = None
-    if tensorrt_ep:
-        from fastret.export.tensorrt_build import DEFAULT_PROFILE
-
-        batches = (DEFAULT_PROFILE.min, DEFAULT_PROFILE.opt, DEFAULT_PROFILE.max)
-        options = ort_tensorrt_options(export_dir / "ort-tensorrt-cache", INPUT_NAME, info.preprocessing.size, batches)
-    path = export_dir / FP32_ONNX
-    if not tensorrt_ep and "CUDAExecutionProvider" in available:
-        path = _fp16_onnx(export_dir, image_dir, log) or path
-    encoder = OnnxEncoder(path, info, providers=ort_providers(tensorrt_options=options), **extra)
-    if tensorrt_ep:
-        encoder.backend = "onnxruntime-trt"
-    return encoder
+    fp16 = _fp16_onnx(export_dir, image_dir, log) if "CUDAExecutionProvider" in ort.get_available_providers() else None
+    path = fp16 or export_dir / FP32_ONNX
+    return OnnxEncoder(
+        path,
+        info,
+        providers=ort_providers(),
+        precision="fp32" if fp16 is None else "fp16",
+        artefact_sha256=_recorded_sha256(export_dir, path),
+        **extra,
+    )
 
 
-def _fp16_onnx(export_dir: Path, image_dir: Path | None, log) -> Path | None:
+def _fp16_onnx(export_dir: Path, image_dir: Path | None, log: Log) -> Path | None:
     """The export's FP16 ONNX, written on first use; None (fp32 stays) when it fails its parity check."""
-    from fastret.export.fp16 import export_fp16
+    from fastret.export.fp16 import FP16_KIND, export_fp16
 
     return _derived_model(
-        export_dir / FP16_ONNX,
+        export_dir,
+        FP16_KIND,
         lambda: export_fp16(export_dir, image_dir=image_dir, log=log)[0],
         required=False,
         fallback="using the fp32 ONNX on CUDA",
@@ -250,7 +343,7 @@ def open_encoder(
     image_dir: Path | None = None,
     precision: str = "auto",
     workload: str = "latency",
-    log=print,
+    log: Log = no_log,
 ) -> Encoder:
     """Resolve a model name (see fastret.export.models), say what was chosen, open the runtime."""
     source, why = resolve_model(model)
@@ -260,22 +353,100 @@ def open_encoder(
     )
 
 
-def encoder_for_index(
-    info: ModelInfo,
-    backend: str = "auto",
-    *,
-    threads: int | None = None,
-    precision: str = "auto",
-    workload: str = "latency",
-    recorded: dict | None = None,
-    log=print,
+def encoder_from_recipe(
+    recipe: EncoderRecipe, *, threads: int | None = None, workload: str = "latency", log: Log = no_log
 ) -> Encoder:
-    """The encoder an index was built with, refusing weights that changed since.
+    """Exactly the encoder a recipe records: its backend and precision on the very artefact it names.
 
-    With `backend` and `precision` both auto, the runtime recorded in the index (`recorded`:
-    backend and precision) is tried first, so a query embeds exactly as the gallery did (a gallery
-    image finds itself at cosine 1.0); where it cannot run here, `auto` picks and says so.
+    Opens only: never exports, quantises or compiles into the model cache (OpenVINO compiles in
+    memory). The artefact is looked for at its recorded path, then at the same place in this
+    machine's cache ($FASTRET_CACHE); its size must match the recipe (its sha256 is for a full
+    verification, not for every query). Where the artefact is gone or its runtime cannot run here,
+    BackendUnavailable says why and what to do: queries are never embedded by another model or runtime.
     """
+    if recipe.backend not in (TORCH_PRECISIONS if recipe.artefact is None else ARTEFACT_BACKENDS):
+        raise BackendUnavailable(
+            f"the index's encoder record names backend {recipe.backend!r} with artefact {recipe.artefact}, "
+            "which no runtime opens; re-index with `fastret index`"
+        )
+    info = recipe.model
+    extra = {"threads": threads} if threads else {}
+    if recipe.artefact is None:  # the PyTorch backends: the weights are the artefact
+        source = checked_source(info)
+        return _runs_here(recipe, lambda: _torch_encoder(source, recipe.backend, "auto", **extra))
+    path = _artefact_here(recipe, log)
+    common = {"artefact_sha256": recipe.artefact_sha256, **extra}
+    if recipe.backend == "tensorrt":
+        plan, reason = plan_status(path, _record(path.parent, path.name))
+        if plan is None:
+            raise _cannot_run_here(recipe, reason)
+        return _runs_here(recipe, lambda: TensorRTEncoder(plan, info, artefact_sha256=recipe.artefact_sha256))
+    if recipe.backend == "openvino":
+        missing = openvino_missing()
+        if missing is None and recipe.precision == "bf16" and not cpu_supports_bf16():
+            missing = "this CPU has no native bfloat16 arithmetic"
+        if missing:
+            raise _cannot_run_here(recipe, missing)
+        return OpenVinoEncoder(path, info, precision=recipe.precision, workload=workload, **common)
+    if recipe.backend == "onnxruntime-trt":
+        missing = _tensorrt_ep_missing()
+        if missing:
+            raise _cannot_run_here(recipe, missing)
+        providers = _tensorrt_ep_providers(info, None)
+        return OnnxEncoder(
+            path, info, providers=providers, precision=recipe.precision, backend="onnxruntime-trt", **common
+        )
+    providers = ["CPUExecutionProvider"] if recipe.precision == "int8" else ort_providers()
+    return OnnxEncoder(path, info, providers=providers, precision=recipe.precision, workload=workload, **common)
+
+
+def _artefact_here(recipe: EncoderRecipe, log: Log) -> Path:
+    """The recipe's artefact on this machine: at its recorded path, else at the same place in this
+    machine's cache; refused when it is absent or its size is not the recorded one."""
+    recorded = Path(recipe.artefact)
+    candidates = [recorded]
+    export_name = export_dir_name(recipe.model.model_id, recipe.model.weights_sha256)
+    if export_name in recorded.parts:
+        inside = recorded.parts[recorded.parts.index(export_name) + 1 :]
+        candidates.append(cache_root() / "models" / export_name / Path(*inside))
+    for path in candidates:
+        if not all(part.is_file() for part in artefact_files(path)):
+            continue
+        size = artefact_size(path)
+        if recipe.artefact_bytes is not None and size != recipe.artefact_bytes:
+            raise BackendUnavailable(
+                f"the index's encoder artefact {path} is {size} bytes, the index recorded {recipe.artefact_bytes}: "
+                "it is not the file the gallery was embedded with; re-run `fastret index DIR --out INDEX`"
+            )
+        if path != recorded:
+            log(f"the index's encoder artefact {recorded} is not on this machine; "
+                f"using the same file in {cache_root()}")
+        return path
+    raise BackendUnavailable(
+        f"the index's encoder artefact {recorded} is not on this machine; re-run `fastret index DIR --out INDEX` "
+        "(it re-makes the same artefact), or point FASTRET_CACHE at the cache that made it"
+    )
+
+
+def _runs_here(recipe: EncoderRecipe, open_: Callable[[], Encoder]) -> Encoder:
+    """open_(), with a runtime that cannot start here refused in the recipe's words."""
+    try:
+        return open_()
+    except BackendUnavailable as exc:
+        raise _cannot_run_here(recipe, str(exc)) from None
+    except RuntimeError as exc:  # a TensorRT plan that does not load
+        raise _cannot_run_here(recipe, str(exc)) from None
+
+
+def _cannot_run_here(recipe: EncoderRecipe, reason: str) -> BackendUnavailable:
+    return BackendUnavailable(
+        f"the index was embedded on {recipe.line()}, which cannot run here: {reason}; pass --backend / "
+        "--precision to embed queries on another runtime (scores may then differ slightly)"
+    )
+
+
+def checked_source(info: ModelInfo) -> ModelSource:
+    """The model an index was built with, refused when its weights changed since (hashes them)."""
     source, _ = resolve_model(info.model_id)
     if source.weights_sha256 != info.weights_sha256:
         raise BackendUnavailable(
@@ -283,7 +454,52 @@ def encoder_for_index(
             f"but the weights found now hash to {source.weights_sha256[:12]}…; re-index with "
             "`fastret index`"
         )
+    return source
+
+
+def index_recipe(index: Index) -> EncoderRecipe | None:
+    """The encoder recipe an index recorded (None for indexes made before recipes were)."""
+    if index.encoder is None:
+        return None
+    try:
+        return EncoderRecipe.from_dict(index.encoder)
+    except ValueError as exc:
+        raise BackendUnavailable(
+            f"the index's encoder record is damaged ({exc}); re-index with `fastret index`"
+        ) from None
+
+
+def encoder_for_index(
+    index: Index,
+    backend: str = "auto",
+    *,
+    threads: int | None = None,
+    precision: str = "auto",
+    workload: str = "latency",
+    log: Log = no_log,
+) -> Encoder:
+    """The encoder that embeds queries for an index.
+
+    With `backend` and `precision` both auto, the index's recorded recipe is reopened exactly
+    (encoder_from_recipe: read-only, no weights hashing, a refusal rather than another runtime).
+    An explicit backend or precision opens that runtime on the index's model instead (the weights
+    are checked), and says so when it differs from the recorded one. Indexes made before recipes
+    were recorded: the weights are checked and the runtime they recorded (`index.runtime`) is tried
+    first, else `auto`.
+    """
     options = {"threads": threads, "workload": workload, "log": log}
+    recipe = index_recipe(index)
+    if recipe is not None and backend == precision == "auto":
+        return encoder_from_recipe(recipe, **options)
+    source = checked_source(index.model)
+    if recipe is not None:
+        encoder = encoder_for_source(source, backend, precision=precision, **options)
+        opened = encoder.recipe
+        if (opened.backend, opened.precision, opened.artefact) != (recipe.backend, recipe.precision, recipe.artefact):
+            log(f"the index was embedded on {recipe.line()}; queries run on {opened.line()} as asked: "
+                "scores may differ slightly")
+        return encoder
+    recorded = index.runtime
     if backend == precision == "auto" and recorded and recorded.get("backend") in BACKENDS:
         same = recorded.get("precision") if recorded.get("precision") in PRECISIONS else "auto"
         try:

@@ -112,10 +112,7 @@ class Retriever:
     ) -> "Retriever":
         """Load the live version of an index and open the encoder that embedded it."""
         index = Index.load(index_dir)
-        encoder = encoder_for_index(
-            index.model, backend, threads=threads, precision=precision, workload=workload,
-            recorded=index.runtime, log=log,
-        )
+        encoder = encoder_for_index(index, backend, threads=threads, precision=precision, workload=workload, log=log)
         return cls(index, encoder)
 
     @property

@@ -12,11 +12,13 @@ from PIL import Image
 
 import fastret.export.onnx_export as onnx_export
 from fastret.engine.decode import Preprocessing, list_images, load_pixels
-from fastret.engine.encoders import OnnxEncoder
-from fastret.service.load import BackendUnavailable, encoder_for_index, model_info, open_encoder
+from fastret.engine.encoders import EncoderRecipe, OnnxEncoder
+from fastret.engine.files import sha256_files
+from fastret.engine.index import Index
 from fastret.engine.retrieval import build_index
-from fastret.export.models import BUNDLED, ModelNotFound, clip_preprocessing, load_torch_model, resolve_model
+from fastret.export.models import BUNDLED, ModelNotFound, clip_preprocessing, resolve_model
 from fastret.export.onnx_export import (
+    FP32_KIND,
     FP32_ONNX,
     INPUT_NAME,
     OUTPUT_NAME,
@@ -31,12 +33,18 @@ from fastret.export.onnx_export import (
     read_metadata,
     torch_embed,
 )
+from fastret.export.torch_models import load_torch_model
+from fastret.service import load
+from fastret.service.load import (
+    BackendUnavailable,
+    encoder_for_index,
+    encoder_for_source,
+    encoder_from_recipe,
+    model_info,
+    open_encoder,
+)
 
 CLIP_MEAN_255 = tuple(255.0 * m for m in (0.48145466, 0.4578275, 0.40821073))
-
-
-def quiet(_: str) -> None:
-    pass
 
 
 def write_photos(folder: Path, count: int, side: int = 48) -> list[Path]:
@@ -54,7 +62,7 @@ def write_photos(folder: Path, count: int, side: int = 48) -> list[Path]:
 @pytest.fixture(scope="module")
 def tiny_export(tiny_clip_dir, tmp_path_factory) -> tuple[Path, object]:
     source, _ = resolve_model(str(tiny_clip_dir))
-    out = export_onnx(source, tmp_path_factory.mktemp("tiny-export") / "export", log=quiet)
+    out = export_onnx(source, tmp_path_factory.mktemp("tiny-export") / "export", )
     return out, source
 
 
@@ -77,8 +85,9 @@ def test_tiny_clip_export_metadata(tiny_export):
     assert Preprocessing.from_dict(metadata["preprocessing"]) == source.preprocessing
     assert metadata["opset"] >= 17
     assert (metadata["input"], metadata["output"]) == (INPUT_NAME, OUTPUT_NAME)
-    parity = metadata["artefacts"][FP32_ONNX]["parity_vs_torch"]
-    assert parity["min_cosine"] >= PARITY_MIN_COSINE and parity["images"] > 0
+    record = metadata["artefacts"][FP32_ONNX]
+    assert record["parity_vs_torch"]["min_cosine"] >= PARITY_MIN_COSINE and record["parity_vs_torch"]["images"] > 0
+    assert (record["kind"], record["sha256"]) == (FP32_KIND, sha256_files([out / FP32_ONNX]))
 
 
 def test_tiny_clip_onnx_graph_takes_uint8_nhwc_with_dynamic_batch(tiny_export):
@@ -156,14 +165,14 @@ def test_ensure_exported_exports_once(tiny_clip_dir, tmp_path, monkeypatch):
     metadata = read_metadata(first)
     metadata["weights_sha256"] = "0" * 64
     (first / "metadata.json").write_text(json.dumps(metadata))
-    ensure_exported(source, log=quiet)
+    ensure_exported(source, )
     assert len(calls) == 2 and read_metadata(first)["weights_sha256"] == source.weights_sha256
 
 
 def test_too_old_opset_is_refused(tiny_clip_dir, tmp_path):
     source, _ = resolve_model(str(tiny_clip_dir))
     with pytest.raises(ExportError, match="opset 16 is too old"):
-        export_onnx(source, tmp_path / "out", opset=16, log=quiet)
+        export_onnx(source, tmp_path / "out", opset=16, )
 
 
 def test_preprocessing_comes_from_the_checkpoint(tiny_clip_dir, tmp_path):
@@ -223,14 +232,112 @@ def test_auto_falls_back_to_the_bundled_model_offline(empty_hub_cache, bundled_o
     assert lines[0] == f"model: {BUNDLED} ({why})"
 
 
+def empty_index(info, encoder: dict | None = None) -> Index:
+    return Index(info, "/gallery", [], np.empty((0, info.dim), np.float32), encoder=encoder)
+
+
 def test_index_made_with_other_weights_is_refused(bundled_onnx):
     from dataclasses import replace
 
     stale = replace(bundled_onnx.info, weights_sha256="f" * 64)
     with pytest.raises(BackendUnavailable, match=r"weights sha256 ffffffffffff.*re-index"):
-        encoder_for_index(stale, "onnxruntime", log=quiet)
+        encoder_for_index(empty_index(stale), "onnxruntime")
     with pytest.raises(BackendUnavailable, match="unknown backend"):
-        encoder_for_index(bundled_onnx.info, "cuda-magic", log=quiet)
+        encoder_for_index(empty_index(bundled_onnx.info), "cuda-magic")
+
+
+# --- recipes: an index's encoder, reopened exactly ------------------------------------------------------
+
+
+def test_every_encoder_states_its_recipe(tiny_export):
+    out, source = tiny_export
+    encoder = OnnxEncoder(out / FP32_ONNX, model_info(source), threads=1, artefact_sha256="ab" * 32)
+    recipe = encoder.recipe
+    path = (out / FP32_ONNX).resolve()
+    assert recipe == EncoderRecipe(model_info(source), "onnxruntime", "fp32", str(path), "ab" * 32, path.stat().st_size)
+    assert EncoderRecipe.from_dict(json.loads(json.dumps(recipe.to_dict()))) == recipe
+    with pytest.raises(ValueError, match="malformed encoder recipe"):
+        EncoderRecipe.from_dict({"backend": "onnxruntime"})
+
+
+def test_an_index_records_its_encoders_recipe(tiny_export, tmp_path):
+    out, source = tiny_export
+    write_photos(tmp_path / "gallery", 3)
+    encoder = OnnxEncoder(out / FP32_ONNX, model_info(source), threads=1)
+    index, _ = build_index(tmp_path / "gallery", encoder, workers=0)
+    assert index.encoder == encoder.recipe.to_dict()
+
+
+@pytest.fixture
+def recipe_in_cache_a(tiny_clip_dir, tmp_path, monkeypatch):
+    """The recipe of the tiny CLIP's fp32 ONNX encoder made in cache A, and an empty cache B in use."""
+    monkeypatch.setenv("FASTRET_CACHE", str(tmp_path / "A"))
+    source, _ = resolve_model(str(tiny_clip_dir))
+    made = encoder_for_source(source, "onnxruntime", precision="fp32")
+    (tmp_path / "B").mkdir()
+    monkeypatch.setenv("FASTRET_CACHE", str(tmp_path / "B"))
+    return made, tmp_path / "A", tmp_path / "B"
+
+
+def test_a_recipe_reopens_its_artefact_from_another_cache_without_hashing_weights(recipe_in_cache_a, monkeypatch):
+    made, cache_a, cache_b = recipe_in_cache_a
+    recipe = made.recipe
+    artefact = Path(recipe.artefact)
+    assert artefact.name == FP32_ONNX and artefact.is_relative_to(cache_a)
+    assert recipe.artefact_sha256 == sha256_files([artefact])
+    monkeypatch.setattr(load, "resolve_model", lambda name: pytest.fail("the query path resolved (hashed) the weights"))
+    reopened = encoder_for_index(empty_index(made.info, recipe.to_dict()))
+    assert reopened.recipe == recipe
+    pixels, _ = parity_pixels(made.info.preprocessing, None, count=8)
+    assert (reopened.encode(pixels) * made.encode(pixels)).sum(1).min() >= 0.999
+    assert list(cache_b.iterdir()) == []  # nothing written into the cache in use
+
+
+def test_a_recipe_finds_its_artefact_in_a_moved_cache_and_refuses_when_it_is_gone(recipe_in_cache_a, monkeypatch):
+    made, cache_a, cache_b = recipe_in_cache_a
+    moved = cache_a.with_name("C")
+    cache_a.rename(moved)
+    monkeypatch.setenv("FASTRET_CACHE", str(moved))
+    said: list[str] = []
+    reopened = encoder_from_recipe(made.recipe, log=said.append)
+    assert reopened.path.is_relative_to(moved) and reopened.recipe.artefact_sha256 == made.recipe.artefact_sha256
+    assert said == [
+        f"the index's encoder artefact {made.recipe.artefact} is not on this machine; using the same file in {moved}"
+    ]
+    monkeypatch.setenv("FASTRET_CACHE", str(cache_b))
+    with pytest.raises(
+        BackendUnavailable,
+        match=rf"artefact {made.recipe.artefact} is not on this machine; re-run `fastret index DIR --out INDEX` "
+        r"\(it re-makes the same artefact\), or point FASTRET_CACHE at the cache that made it",
+    ):
+        encoder_from_recipe(made.recipe)
+    assert list(cache_b.iterdir()) == []
+
+
+def test_a_recipe_refuses_an_artefact_of_another_size(recipe_in_cache_a):
+    from dataclasses import replace
+
+    made, _, _ = recipe_in_cache_a
+    other = replace(made.recipe, artefact_bytes=made.recipe.artefact_bytes + 1)
+    with pytest.raises(BackendUnavailable, match="bytes, the index recorded .*not the file the gallery was embedded"):
+        encoder_from_recipe(other)
+
+
+def test_explicit_runtime_options_override_the_recipe_and_say_so(recipe_in_cache_a):
+    made, _, _ = recipe_in_cache_a
+    said: list[str] = []
+    index = empty_index(made.info, made.recipe.to_dict())
+    encoder = encoder_for_index(index, "onnxruntime", precision="int8", log=said.append)
+    assert (encoder.backend, encoder.precision) == ("onnxruntime", "int8")
+    assert said[-1] == (
+        f"the index was embedded on {made.recipe.line()}; queries run on {encoder.recipe.line()} as asked: "
+        "scores may differ slightly"
+    )
+
+
+def test_a_damaged_recipe_is_refused(bundled_onnx):
+    with pytest.raises(BackendUnavailable, match="encoder record is damaged .*re-index"):
+        encoder_for_index(empty_index(bundled_onnx.info, {"backend": "onnxruntime"}))
 
 
 def test_bundled_export_metadata(bundled_source, bundled_onnx):
@@ -246,7 +353,7 @@ def bundled_parity(bundled_source, paths: list[Path]):
     """The fp32 ONNX file (whatever backend `auto` prefers) against the PyTorch reference."""
     pixels = np.stack([load_pixels(p, bundled_source.preprocessing) for p in paths])
     reference = torch_embed(load_torch_model(bundled_source), pixels, batch_size=32)
-    exported = onnx_embed(ensure_exported(bundled_source, log=quiet) / FP32_ONNX, pixels, batch_size=32)
+    exported = onnx_embed(ensure_exported(bundled_source, ) / FP32_ONNX, pixels, batch_size=32)
     return compare_embeddings(reference, exported, f"{len(paths)} wang1k images")
 
 
@@ -264,3 +371,10 @@ def test_bundled_onnx_matches_torch_on_all_of_wang1k(wang1k, bundled_source):
     parity = bundled_parity(bundled_source, list_images(wang1k))
     assert parity.images == 1000
     assert parity.min_cosine >= PARITY_MIN_COSINE, parity.line("ONNX vs torch")
+
+
+@pytest.mark.parametrize("backend, artefact", [("torch", "/somewhere/model.onnx"), ("onnxruntime", None), ("auto", None)])
+def test_a_recipe_no_runtime_opens_is_refused(bundled_onnx, backend, artefact):
+    recipe = EncoderRecipe(bundled_onnx.info, backend, "fp32", artefact)
+    with pytest.raises(BackendUnavailable, match="which no runtime opens; re-index"):
+        encoder_from_recipe(recipe)

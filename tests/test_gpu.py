@@ -10,10 +10,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fastret.engine.cuda_torch import cuda_missing
-from fastret.service.load import encoder_for_source
+from fastret.engine.cuda_torch import TorchCudaEncoder, cuda_missing
+from fastret.engine.encoders import EncoderRecipe
+from fastret.engine.pipeline import embed_files
+from fastret.export.fp16 import FP16_KIND
 from fastret.export.models import clip_source
-from fastret.export.onnx_export import FP16_ONNX, ensure_exported
+from fastret.export.onnx_export import ensure_exported, find_artefact
+from fastret.export.torch_models import load_torch_model
+from fastret.service.load import encoder_for_source, model_info
 
 CUDA_MISSING = cuda_missing()
 needs_cuda = pytest.mark.skipif(CUDA_MISSING is not None, reason=f"needs a CUDA GPU: {CUDA_MISSING}")
@@ -60,19 +64,51 @@ def test_staged_pipeline_keeps_order_across_slots_and_chunks():
 
 
 def test_fp16_autocast_logic_on_cpu_matches_fp32(tiny_source, cpu_reference):
-    from fastret.engine.cuda_torch import TorchCudaEncoder
-    from fastret.service.load import model_info
-    from fastret.export.models import load_torch_model
-
     encoder = TorchCudaEncoder(
         load_torch_model(tiny_source), model_info(tiny_source), half=True, graphs=False, max_batch=8, device="cpu"
     )
+    assert (encoder.precision, encoder.parallel_requests) == ("fp16", 1)
+    assert encoder.recipe == EncoderRecipe(model_info(tiny_source), "torch-cuda-fp16", "fp16")
     batch = pixels(11)
     got = encoder.encode(batch)
     assert got.dtype == np.float32 and got.shape == (11, tiny_source.dim)
     assert min_cosine(got, cpu_reference.encode(batch)) >= 0.999
     with pytest.raises(ValueError, match="CUDA graphs need device 'cuda'"):
         TorchCudaEncoder(load_torch_model(tiny_source), model_info(tiny_source), graphs=True, device="cpu")
+
+
+def test_embed_files_streams_batches_into_the_staging_two_in_flight(tiny_source, cpu_reference, tmp_path, monkeypatch):
+    from PIL import Image
+
+    from fastret.engine.decode import load_pixels
+
+    encoder = TorchCudaEncoder(
+        load_torch_model(tiny_source), model_info(tiny_source), half=False, graphs=False, max_batch=8, device="cpu"
+    )
+    events: list[tuple[str, int]] = []
+    pipeline = encoder.pipeline
+    enqueue, collect = pipeline._enqueue, pipeline._collect
+
+    def logged_enqueue(slot, chunk):
+        events.append(("in", len(chunk)))
+        enqueue(slot, chunk)
+
+    def logged_collect(slot, n):
+        events.append(("out", n))
+        return collect(slot, n)
+
+    monkeypatch.setattr(pipeline, "_enqueue", logged_enqueue)
+    monkeypatch.setattr(pipeline, "_collect", logged_collect)
+    paths = []
+    for i in range(7):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(pixels(1, size=40, seed=i)[0]).save(paths[-1])
+    result = embed_files(paths, encoder, batch_size=3, workers=0)
+    # The next batch is staged before the previous one is collected: two in flight, as in encode_batches.
+    assert events == [("in", 3), ("in", 3), ("out", 3), ("in", 1), ("out", 3), ("out", 1)]
+    assert result.paths == paths
+    reference = cpu_reference.encode(np.stack([load_pixels(p, tiny_source.preprocessing) for p in paths]))
+    assert min_cosine(result.embeddings, reference) >= 0.9999
 
 
 @pytest.mark.gpu
@@ -105,10 +141,6 @@ def test_fp16_graphs_match_fp32_in_order_for_any_batch_size(tiny_source, cpu_ref
 @pytest.mark.gpu
 @needs_cuda
 def test_fp16_graph_padding_never_changes_real_rows(tiny_source):
-    from fastret.engine.cuda_torch import TorchCudaEncoder
-    from fastret.export.models import load_torch_model
-    from fastret.service.load import model_info
-
     graphs = TorchCudaEncoder(load_torch_model(tiny_source), model_info(tiny_source), half=True, graphs=True)
     eager = TorchCudaEncoder(load_torch_model(tiny_source), model_info(tiny_source), half=True, graphs=False)
     batch = pixels(5)  # runs in the 8-row graph
@@ -124,7 +156,8 @@ def test_onnxruntime_on_cuda_uses_the_fp16_onnx(tiny_source, cpu_reference):
         pytest.skip(f"this onnxruntime has no CUDA provider ({', '.join(ort.get_available_providers())}); install fastret[gpu]")
     encoder = encoder_for_source(tiny_source, "onnxruntime", **QUIET)
     assert encoder.providers[0] == "CUDAExecutionProvider"
-    assert encoder.path == ensure_exported(tiny_source, **QUIET) / FP16_ONNX
+    assert encoder.path == find_artefact(ensure_exported(tiny_source, **QUIET), FP16_KIND)[0]
+    assert encoder.precision == encoder.recipe.precision == "fp16"
     batch = pixels(7)
     assert min_cosine(encoder.encode(batch), cpu_reference.encode(batch)) >= 0.999
 
@@ -138,5 +171,6 @@ def test_onnxruntime_tensorrt_provider(tiny_source, cpu_reference):
         pytest.skip("this onnxruntime has no TensorRT provider; install fastret[gpu] with TensorRT libraries")
     encoder = encoder_for_source(tiny_source, "onnxruntime-trt", **QUIET)
     assert encoder.backend == "onnxruntime-trt" and encoder.providers[0] == "TensorrtExecutionProvider"
+    assert encoder.precision == "fp16"
     batch = pixels(4)
     assert min_cosine(encoder.encode(batch), cpu_reference.encode(batch)) >= 0.999

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
 from fastret.engine.decode import Preprocessing, load_pixels
-from fastret.engine.encoders import ModelInfo
+from fastret.engine.encoders import EncoderRecipe, ModelInfo, pooled_encode_batches
 from fastret.engine.pipeline import decoded_batches, embed_files
 
 SPEC = Preprocessing(size=24, resize=24, interpolation="bilinear", mean=(0.0,) * 3, std=(1.0,) * 3)
@@ -31,13 +31,22 @@ class ProjectionEncoder:
         default_factory=lambda: ModelInfo("projection", "0" * 64, 8, SPEC)
     )
     backend: str = "numpy"
+    precision: str = "fp32"
+    parallel_requests: int = 1
     calls: list[int] = field(default_factory=list)
+
+    @property
+    def recipe(self) -> EncoderRecipe:
+        return EncoderRecipe(self.info, self.backend, self.precision)
 
     def encode(self, pixels: np.ndarray) -> np.ndarray:
         self.calls.append(len(pixels))
         weights = np.random.default_rng(0).normal(size=(pixels[0].size, self.info.dim))
         out = pixels.reshape(len(pixels), -1).astype(np.float64) @ weights
         return (out / np.linalg.norm(out, axis=1, keepdims=True)).astype(np.float32)
+
+    def encode_batches(self, batches):
+        return pooled_encode_batches(self.encode, batches, self.parallel_requests)
 
 
 def write_images(folder: Path, count: int, side: int = 40) -> list[Path]:
@@ -116,6 +125,28 @@ def test_parallel_encoder_requests_keep_input_order(tmp_path, bad_images, worker
     one_by_one = np.concatenate([reference.encode(load_pixels(p, SPEC)[None]) for p in good])
     np.testing.assert_allclose(result.embeddings, one_by_one, atol=1e-6)
     assert 1 < encoder.most_active <= encoder.parallel_requests
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_progress_counts_every_file_once_as_it_finishes(tmp_path, bad_images, workers):
+    good = write_images(tmp_path, 5)
+    bad = [path for path, _ in bad_images.values()][:2]
+    steps: list[int] = []
+    mixed = good[:2] + bad + good[2:]
+    result = embed_files(mixed, ProjectionEncoder(), batch_size=3, workers=workers, on_progress=steps.append)
+    # Batches [g0 g1 b0] [b1 g2 g3] [g4]: skips are counted when decoded, embedded files when their batch returns.
+    assert steps == [1, 2, 1, 2, 1] and sum(steps) == len(result.paths) + len(result.skipped) == 7
+
+
+def test_flip_averaged_encoder_streams_both_views_through_the_wrapped_encoder(tmp_path):
+    from fastret.engine.tta import FlipAveragedEncoder, flip_averaged
+
+    paths = write_images(tmp_path, 5)
+    inner = ConcurrentEncoder(parallel_requests=2)
+    result = embed_files(paths, FlipAveragedEncoder(inner), batch_size=2, workers=0)
+    assert sorted(inner.calls) == [1, 1, 2, 2, 2, 2]  # each batch and its mirror image, through the wrapped stream
+    one_by_one = np.concatenate([flip_averaged(ProjectionEncoder(), load_pixels(p, SPEC)[None]) for p in paths])
+    np.testing.assert_allclose(result.embeddings, one_by_one, atol=1e-6)
 
 
 def test_nothing_to_embed_gives_an_empty_matrix(tmp_path, bad_images):

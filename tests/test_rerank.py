@@ -41,7 +41,10 @@ class HalvesEncoder:
     """Embeds an image as (brightness of its left half, brightness of its right half), normalised."""
 
     backend = "fake"
+    precision = "fp32"
+    parallel_requests = 2
     info = None
+    recipe = None
 
     def encode(self, pixels: np.ndarray) -> np.ndarray:
         width = pixels.shape[2]
@@ -70,7 +73,7 @@ def test_flip_averaged_is_the_normalised_mean_of_both_views():
     np.testing.assert_allclose(flip_averaged(encoder, left_lit_image()), [[2**-0.5, 2**-0.5]], rtol=1e-6)
     wrapped = FlipAveragedEncoder(encoder)
     assert wrapped.backend == "fake+flip" and wrapped.info is encoder.info
-    assert wrapped.parallel_requests == 1  # the wrapped encoder's: it has none, so one at a time
+    assert (wrapped.precision, wrapped.parallel_requests) == ("fp32", 2)  # the wrapped encoder's
     np.testing.assert_allclose(wrapped.encode(left_lit_image()), [[2**-0.5, 2**-0.5]], rtol=1e-6)
 
 
@@ -248,6 +251,9 @@ class MeanColourEncoder:
     """Embeds an image as its normalised mean RGB: a stand-in model, no weights to load."""
 
     backend = "fake"
+    precision = "fp32"
+    parallel_requests = 1
+    recipe = None
 
     def __init__(self, info):
         self.info = info

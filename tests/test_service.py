@@ -7,7 +7,6 @@ import base64
 import json
 import os
 import socket
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,28 +14,13 @@ from PIL import Image
 
 from fastret.cli.main import main
 from fastret.engine.decode import Preprocessing
-from fastret.engine.encoders import ModelInfo
 from fastret.engine.index import Index, Item
 from fastret.engine.retrieval import display_path, raw_path_b64
 from fastret.service.search import Retriever, SearchOptions
+from fakes import MeanColourEncoder
 
 QUERY = "buildings/299.jpg"
 SPEC = Preprocessing(size=8, resize=8, interpolation="bilinear", mean=(0.0,) * 3, std=(1.0,) * 3)
-
-
-class MeanColourEncoder:
-    """Embedding = the crop's mean colour, centred on grey: a red query's nearest items are red."""
-
-    backend = "numpy"
-    precision = "fp32"
-    parallel_requests = 1
-
-    def __init__(self) -> None:
-        self.info = ModelInfo("test-mean-colour", "0" * 64, 3, SPEC)
-
-    def encode(self, pixels: np.ndarray) -> np.ndarray:
-        vectors = pixels.reshape(len(pixels), -1, 3).mean(axis=1) - 127.5
-        return (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
 
 
 def cli_json(capsys, *argv) -> dict:
@@ -115,7 +99,7 @@ def hostile_index(tmp_path, monkeypatch):
     """Red images named with non-UTF-8 bytes, a newline, a tab and plain UTF-8, plus blue ones."""
     import fastret.service.search as service
 
-    encoder = MeanColourEncoder()
+    encoder = MeanColourEncoder(spec=SPEC)
     monkeypatch.setattr(service, "encoder_for_index", lambda *args, **kwargs: encoder)
     root = tmp_path / "gallery"
     (root / "red").mkdir(parents=True)
@@ -242,7 +226,7 @@ def test_eval_refuses_model_with_index(tmp_path, capsys):
 
 
 def test_a_retriever_without_an_encoder_answers_item_queries_only():
-    index = Index(MeanColourEncoder().info, "/nowhere", [Item(f"{i}.png", "x") for i in range(3)],
+    index = Index(MeanColourEncoder(spec=SPEC).info, "/nowhere", [Item(f"{i}.png", "x") for i in range(3)],
                   np.eye(3, dtype=np.float32))
     retriever = Retriever(index)
     assert [hit.item_id for hit in retriever.search_item(0, SearchOptions(k=2, exact=True))] == [1, 2]

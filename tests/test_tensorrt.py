@@ -14,10 +14,12 @@ import pytest
 
 from fastret.engine.cuda_torch import batch_bucket, split_rows
 from fastret.engine.encoders import BACKENDS, OnnxEncoder, ort_providers, ort_tensorrt_options
-from fastret.service.load import BackendUnavailable, encoder_for_source
+from fastret.engine.encoders import EncoderRecipe
+from fastret.service.load import BackendUnavailable, encoder_for_source, encoder_from_recipe, model_info
 from fastret.engine.tensorrt_runtime import PLAN_FILE, PlanTarget, plan_problem, tensorrt_missing
 from fastret.export.models import clip_source
-from fastret.export.onnx_export import FP16_ONNX, FP32_ONNX, METADATA_FILE, ensure_exported, read_metadata
+from fastret.export.fp16 import FP16_KIND, export_fp16
+from fastret.export.onnx_export import FP32_ONNX, METADATA_FILE, ensure_exported, find_artefact, read_metadata
 from fastret.export.tensorrt_build import (
     BatchProfile,
     parse_profile,
@@ -151,16 +153,13 @@ def test_cli_backend_choices_follow_backends():
 # --- the ONNX graph TensorRT parses (NVIDIA/TensorRT#3985) ------------------------------------------
 
 
-@pytest.mark.parametrize("name", [FP32_ONNX, FP16_ONNX])
-def test_prepared_onnx_feeds_uint8_into_a_cast_in_sorted_order_and_computes_the_same(tiny_export, name):
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_prepared_onnx_feeds_uint8_into_a_cast_in_sorted_order_and_computes_the_same(tiny_export, precision):
     import onnx
     import onnxruntime as ort
 
-    if name == FP16_ONNX and not (tiny_export / FP16_ONNX).is_file():
-        from fastret.export.fp16 import export_fp16
-
-        export_fp16(tiny_export, **QUIET)
-    original = onnx.load(str(tiny_export / name))
+    path = tiny_export / FP32_ONNX if precision == "fp32" else export_fp16(tiny_export)[0]
+    original = onnx.load(str(path))
     prepared = prepare_onnx_for_tensorrt(original)
     consumers = [node for node in prepared.graph.node if "pixels" in node.input]
     assert [(node.op_type, node.name) for node in consumers] == [("Cast", "fastret_input_cast")]
@@ -198,7 +197,7 @@ def test_export_engine_without_tensorrt_says_why_and_exits_0_or_1(tiny_clip_dir,
     err = capsys.readouterr().err
     assert "no TensorRT plan built: the tensorrt package is not installed" in err
     assert "pip install 'fastret[tensorrt]'" in err
-    assert (out / FP16_ONNX).is_file() and not (out / PLAN_FILE).exists()
+    assert find_artefact(out, FP16_KIND) is not None and not (out / PLAN_FILE).exists()
 
     assert main(["--model", str(tiny_clip_dir), "--out", str(out), "--require-trt"]) == 1
     assert "no TensorRT plan built" in capsys.readouterr().err
@@ -235,6 +234,26 @@ def test_torch_cuda_backends_without_cuda_are_unavailable(tiny_source, backend):
         pytest.skip("a CUDA device is present; tests/test_gpu.py covers these backends")
     with pytest.raises(BackendUnavailable, match=f"backend {backend}: no CUDA device is visible"):
         encoder_for_source(tiny_source, backend, **QUIET)
+
+
+@pytest.mark.parametrize("backend", ["tensorrt", "onnxruntime-trt", "torch-cuda-fp16"])
+def test_a_recipe_whose_gpu_runtime_is_missing_here_is_refused_with_the_reason(
+    tiny_clip_dir, tiny_export, no_tensorrt, backend
+):
+    import onnxruntime as ort
+    import torch
+
+    from fastret.export.models import resolve_model
+
+    if torch.cuda.is_available() or "TensorrtExecutionProvider" in ort.get_available_providers():
+        pytest.skip("a GPU runtime is present: the recorded runtime could run here")
+    artefact = None if backend.startswith("torch") else tiny_export / FP32_ONNX
+    source, _ = resolve_model(str(tiny_clip_dir))  # the PyTorch backends find their weights by model id
+    recipe = EncoderRecipe(
+        model_info(source), backend, "fp16", artefact and str(artefact), None, artefact and artefact.stat().st_size
+    )
+    with pytest.raises(BackendUnavailable, match=rf"embedded on {backend} \(fp16\).*cannot run here: .*pass --backend"):
+        encoder_from_recipe(recipe)
 
 
 def test_onnxruntime_trt_without_tensorrt_provider_is_unavailable(tiny_source, tiny_export):
@@ -278,7 +297,9 @@ def test_tensorrt_encoder_matches_onnxruntime_in_order(tiny_plan, tiny_source):
     from fastret.engine.tensorrt_runtime import TensorRTEncoder
 
     encoder = encoder_for_source(tiny_source, "auto", **QUIET)
-    assert isinstance(encoder, TensorRTEncoder) and encoder.backend == "tensorrt"
+    assert isinstance(encoder, TensorRTEncoder) and (encoder.backend, encoder.precision) == ("tensorrt", "fp16")
+    assert encoder.recipe.artefact == str(tiny_plan.resolve()) and encoder.recipe.artefact_sha256 is not None
+    assert isinstance(encoder_from_recipe(encoder.recipe), TensorRTEncoder)
     reference = encoder_for_source(tiny_source, "onnxruntime", **QUIET)
     batch = pixels(21)  # > max batch 8: three chunks through the two staging slots
     got = encoder.encode(batch)
@@ -469,12 +490,14 @@ def test_plan_is_kept_and_recorded_only_when_it_matches_onnxruntime(stand_in_gpu
     stand_in_gpu(lambda pixels: onnx_embed(export_dir / FP32_ONNX, pixels))
     plan = build_plan_for_export(export_dir, profile=BatchProfile(1, 8, 32), workspace_gib=0.5, **QUIET)
     assert plan == export_dir / PLAN_FILE and plan.read_bytes() == b"PLAN"
-    assert (export_dir / FP16_ONNX).is_file()  # written first: the plan is parsed from it
+    fp16_onnx, _ = find_artefact(export_dir, FP16_KIND)  # written first: the plan is parsed from it
     record = read_metadata(export_dir)["artefacts"][PLAN_FILE]
     assert plan_problem(record, H100) is None
     assert record["batch_profile"] == {"min": 1, "opt": 8, "max": 32} and record["workspace_gib"] == 0.5
     assert record["parity_vs_onnx_fp32"]["min_cosine"] > 0.9999
-    assert "strongly typed" in record["precision"] and "LayerNormalization" in record["fp32_ops"]
+    assert record["precision"] == f"fp16, strongly typed from {fp16_onnx.name}"
+    assert "LayerNormalization" in record["fp32_ops"]
+    assert record["kind"] == "tensorrt-plan" and len(record["sha256"]) == 64
 
     rng = np.random.default_rng(1)
     stand_in_gpu(lambda pixels: rng.normal(size=(len(pixels), tiny_source.dim)).astype(np.float32))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,33 +18,15 @@ pytest.importorskip("fastapi", reason="the web extra is not installed: pip insta
 httpx = pytest.importorskip("httpx", reason="httpx is not installed (dev extra)")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from fastret.engine.decode import Preprocessing, load_pixels  # noqa: E402
-from fastret.engine.encoders import ModelInfo  # noqa: E402
+from fastret.engine.decode import load_pixels  # noqa: E402
 from fastret.engine.index import FORMAT_VERSION, BadIndex  # noqa: E402
 from fastret.engine.retrieval import build_index  # noqa: E402
 from fastret.service.search import Retriever  # noqa: E402
 from fastret.web.app import create_app  # noqa: E402
 from fastret.web.batcher import MicroBatcher  # noqa: E402
+from fakes import COLOUR_SPEC as SPEC, MeanColourEncoder  # noqa: E402
 
 COLOURS = {"red": (230, 20, 20), "green": (20, 230, 20), "blue": (20, 20, 230), "yellow": (230, 230, 20)}
-SPEC = Preprocessing(size=32, resize=32, interpolation="bilinear", mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
-
-
-class MeanColourEncoder:
-    """Embedding = the crop's mean colour, centred on grey and L2-normalised."""
-
-    backend = "numpy"
-
-    def __init__(self, model_id: str = "test-mean-colour", delay_s: float = 0.0) -> None:
-        self.info = ModelInfo(model_id=model_id, weights_sha256="0" * 64, dim=3, preprocessing=SPEC)
-        self.delay_s = delay_s
-        self.batch_sizes: list[int] = []
-
-    def encode(self, pixels: np.ndarray) -> np.ndarray:
-        self.batch_sizes.append(len(pixels))
-        time.sleep(self.delay_s)  # stands in for a model's compute, so concurrent queries queue up
-        vectors = pixels.reshape(len(pixels), -1, 3).mean(axis=1) - 127.5
-        return (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
 
 
 def solid_jpeg(colour: tuple[int, int, int], size=(300, 200), shift: int = 0) -> bytes:
