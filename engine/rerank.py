@@ -18,7 +18,7 @@ is a database item, so excluding its own id means no copy of the query ever help
 
 The search is exact (brute force) over the transformed vectors: the HNSW graph of an index is
 built on the raw embeddings and would not match whitened or augmented ones. The learned state is
-prepared in memory by the search service (fastret.service.search); search never writes it.
+prepared in memory by the search service (the application layer); search never writes it.
 """
 
 from __future__ import annotations

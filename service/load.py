@@ -353,8 +353,16 @@ def open_encoder(
     )
 
 
+REINDEX = "`fastret index DIR --out INDEX`"
+
+
 def encoder_from_recipe(
-    recipe: EncoderRecipe, *, threads: int | None = None, workload: str = "latency", log: Log = no_log
+    recipe: EncoderRecipe,
+    *,
+    threads: int | None = None,
+    workload: str = "latency",
+    reindex: str = REINDEX,
+    log: Log = no_log,
 ) -> Encoder:
     """Exactly the encoder a recipe records: its backend and precision on the very artefact it names.
 
@@ -362,7 +370,8 @@ def encoder_from_recipe(
     memory). The artefact is looked for at its recorded path, then at the same place in this
     machine's cache ($FASTRET_CACHE); its size must match the recipe (its sha256 is for a full
     verification, not for every query). Where the artefact is gone or its runtime cannot run here,
-    BackendUnavailable says why and what to do: queries are never embedded by another model or runtime.
+    BackendUnavailable says why and what to do (`reindex`: the command that rebuilds the index):
+    queries are never embedded by another model or runtime.
     """
     if recipe.backend not in (TORCH_PRECISIONS if recipe.artefact is None else ARTEFACT_BACKENDS):
         raise BackendUnavailable(
@@ -374,7 +383,7 @@ def encoder_from_recipe(
     if recipe.artefact is None:  # the PyTorch backends: the weights are the artefact
         source = checked_source(info)
         return _runs_here(recipe, lambda: _torch_encoder(source, recipe.backend, "auto", **extra))
-    path = _artefact_here(recipe, log)
+    path = _artefact_here(recipe, reindex, log)
     common = {"artefact_sha256": recipe.artefact_sha256, **extra}
     if recipe.backend == "tensorrt":
         plan, reason = plan_status(path, _record(path.parent, path.name))
@@ -400,7 +409,7 @@ def encoder_from_recipe(
     return OnnxEncoder(path, info, providers=providers, precision=recipe.precision, workload=workload, **common)
 
 
-def _artefact_here(recipe: EncoderRecipe, log: Log) -> Path:
+def _artefact_here(recipe: EncoderRecipe, reindex: str, log: Log) -> Path:
     """The recipe's artefact on this machine: at its recorded path, else at the same place in this
     machine's cache; refused when it is absent or its size is not the recorded one."""
     recorded = Path(recipe.artefact)
@@ -416,15 +425,15 @@ def _artefact_here(recipe: EncoderRecipe, log: Log) -> Path:
         if recipe.artefact_bytes is not None and size != recipe.artefact_bytes:
             raise BackendUnavailable(
                 f"the index's encoder artefact {path} is {size} bytes, the index recorded {recipe.artefact_bytes}: "
-                "it is not the file the gallery was embedded with; re-run `fastret index DIR --out INDEX`"
+                f"it is not the file the gallery was embedded with; re-run {reindex}"
             )
         if path != recorded:
             log(f"the index's encoder artefact {recorded} is not on this machine; "
                 f"using the same file in {cache_root()}")
         return path
     raise BackendUnavailable(
-        f"the index's encoder artefact {recorded} is not on this machine; re-run `fastret index DIR --out INDEX` "
-        "(it re-makes the same artefact), or point FASTRET_CACHE at the cache that made it"
+        f"the index's encoder artefact {recorded} is not on this machine; re-run {reindex} (it embeds the "
+        "gallery again with an artefact made here), or point FASTRET_CACHE at the cache that made it"
     )
 
 
@@ -490,7 +499,8 @@ def encoder_for_index(
     options = {"threads": threads, "workload": workload, "log": log}
     recipe = index_recipe(index)
     if recipe is not None and backend == precision == "auto":
-        return encoder_from_recipe(recipe, **options)
+        where = index.version_dir.parent if index.version_dir is not None else "INDEX"
+        return encoder_from_recipe(recipe, reindex=f"`fastret index {index.root} --out {where}`", **options)
     source = checked_source(index.model)
     if recipe is not None:
         encoder = encoder_for_source(source, backend, precision=precision, **options)

@@ -232,3 +232,34 @@ def test_a_retriever_without_an_encoder_answers_item_queries_only():
     assert [hit.item_id for hit in retriever.search_item(0, SearchOptions(k=2, exact=True))] == [1, 2]
     with pytest.raises(ValueError, match="no encoder"):
         retriever.embed(np.zeros((1, 8, 8, 3), np.uint8))
+
+
+# --- the index's encoder on another machine's cache -----------------------------------------
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_search_with_another_cache_uses_the_recorded_artefact_or_refuses(tiny_clip_dir, tmp_path, monkeypatch,
+                                                                         capsys, precision):
+    """Index with FASTRET_CACHE=A, search with an empty FASTRET_CACHE=B: the same artefact (found at
+    its recorded path) embeds the query, or, once A is gone, exit 2 saying how to get it; B stays empty."""
+    rng = np.random.default_rng(5)
+    gallery = tmp_path / "gallery" / "things"
+    gallery.mkdir(parents=True)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(gallery / f"{i}.png")
+    cache_a, cache_b = tmp_path / "A", tmp_path / "B"
+    cache_b.mkdir()
+    monkeypatch.setenv("FASTRET_CACHE", str(cache_a))
+    argv = ["index", tmp_path / "gallery", "--model", tiny_clip_dir, "--backend", "onnxruntime",
+            "--precision", precision, "--out", tmp_path / "index", "-q"]
+    assert main([str(a) for a in argv]) == 0
+    assert Index.load(tmp_path / "index").encoder["precision"] == precision
+    monkeypatch.setenv("FASTRET_CACHE", str(cache_b))
+    query = gallery / "3.png"
+    found = cli_json(capsys, query, "--index", tmp_path / "index", "--include-self", "-k", "1")["results"][0]
+    assert found["path"] == "things/3.png" and found["score"] >= 0.999
+    cache_a.rename(tmp_path / "A-moved")
+    assert main(["search", str(query), "--index", str(tmp_path / "index")]) == 2
+    err = capsys.readouterr().err
+    assert "is not on this machine" in err and f"fastret index {(tmp_path / 'gallery').resolve()}" in err
+    assert list(cache_b.iterdir()) == []
