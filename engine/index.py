@@ -1,15 +1,34 @@
-"""The on-disk index: manifest, embeddings, item table and an HNSW graph, written atomically.
+"""The on-disk index: segments of embeddings and items plus an HNSW graph, written as versions.
 
 Layout of an index directory::
 
-    INDEX/CURRENT          name of the live version directory (replaced atomically)
-    INDEX/v-<stamp>/       manifest.json, embeddings.npy, items.json, hnsw.bin
-    INDEX/.lock            flock(2) held by the one writer at a time
+    INDEX/CURRENT                   name of the live version directory (replaced atomically)
+    INDEX/.lock                     flock(2) held by the one writer at a time
+    INDEX/v-<stamp>/manifest.json   what the version holds, and every file's size and sha256
+    INDEX/v-<stamp>/seg-NNNNNN.npy          a segment's embeddings, one float32 row per stored item
+    INDEX/v-<stamp>/seg-NNNNNN.items.json   its items: ids, paths, labels, file sizes, mtimes, sha256
+    INDEX/v-<stamp>/deleted.npy             ids removed since their segment was written
+    INDEX/v-<stamp>/graph-NNNNNN.bin        the HNSW graph; its labels are item ids
+    INDEX/v-<stamp>/graph-deleted.npy       ids removed since the graph was written (marked on load)
+
+Segment and graph files never change once written. A new version hard-links the ones it keeps
+(copies them where the file system has no hard links) and writes only what changed: an edit of a
+few images costs a few small files however large the index is. Items added since the graph was
+written are searched exactly until they pass GRAPH_PENDING_SHARE of the index, when the graph
+takes them in (hnswlib `replace_deleted` reuses the slots of removed items); removed items stay
+stored, skipped through the deletion lists, until they pass COMPACT_DEAD_SHARE, when the version
+is compacted (one segment, a fresh graph). Small trailing segments are merged as they accumulate.
+
+Item ids are stable: an id is never given to another file within the index's life, the rows of
+`Index.embeddings` are the live items in id order, and `Index.ids[row]` is a row's id.
 
 A writer takes the lock, writes a new version to a temporary directory, fsyncs it, renames it
-into place, and only then points CURRENT at it; a crash at any moment leaves the previous
-version loadable, and the kernel drops a dead writer's lock. Loading is cheap (sizes, shapes,
-the graph header; embeddings memory-mapped); `verify_index` also checks every file's sha256.
+into place, and only then points CURRENT at it; a crash at any moment leaves the previous version
+loadable, and the kernel drops a dead writer's lock. Removing a superseded version removes only
+its names: files it shares with the live version live on through their other links. Loading is
+cheap (sizes, shapes, the graph header; a single segment is memory-mapped); `verify_index` also
+checks every file's sha256. Format 1 indexes (one embeddings.npy, items.json and hnsw.bin, ids =
+rows) are read as they are, and converted by the first incremental write.
 """
 
 from __future__ import annotations
@@ -24,7 +43,7 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,18 +54,31 @@ import numpy as np
 from fastret.engine.encoders import ModelInfo
 from fastret.engine.files import fsync_path, sha256_files, write_text_atomic
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
 CURRENT = "CURRENT"
 LOCK = ".lock"
 MANIFEST = "manifest.json"
+DELETED = "deleted.npy"
+GRAPH_DELETED = "graph-deleted.npy"
+# The files of a format-1 version: one segment and one graph, ids = row numbers.
 EMBEDDINGS = "embeddings.npy"
 ITEMS = "items.json"
 HNSW = "hnsw.bin"
-REQUIRED_FILES = (EMBEDDINGS, ITEMS, HNSW)
 REINDEX = "re-index with `fastret index`"
 # What a writer leaves in an index directory besides CURRENT and the lock: versions, a version
 # being written, and write_text_atomic's temporary for CURRENT.
 WRITER_PREFIXES = ("v-", ".tmp-", f".{CURRENT}.")
+
+COMPACT_DEAD_SHARE = 0.2
+"""Removed items still stored (in segments, or marked in the graph) above this share: compact."""
+GRAPH_PENDING_SHARE = 0.01
+"""Items outside the graph above this share of the index: the graph takes them in."""
+GRAPH_GROWTH = 1.5
+"""When the graph must grow, it grows to this many times what it needs (hnswlib resize_index)."""
+SEGMENT_MERGE_RATIO = 2
+"""A trailing segment merges into the one before it when that one holds at most this many times
+its items: segments stay few (logarithmic in the items added) and each row is rewritten rarely."""
 
 T = TypeVar("T")
 
@@ -82,20 +114,82 @@ class Item:
     label: str  # parent folder name
 
 
+@dataclass(frozen=True)
+class Sources:
+    """What each item's file was when it was embedded: size, mtime_ns and sha256 (-1 / None: unknown),
+    so a later run can tell changed files from unchanged ones without decoding them."""
+
+    sizes: np.ndarray  # int64
+    mtimes_ns: np.ndarray  # int64
+    sha256: tuple[str | None, ...]
+
+    def __post_init__(self) -> None:
+        if not len(self.sizes) == len(self.mtimes_ns) == len(self.sha256):
+            raise ValueError("sources: sizes, mtimes and hashes differ in length")
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    @classmethod
+    def unknown(cls, count: int) -> "Sources":
+        return cls(np.full(count, -1, np.int64), np.full(count, -1, np.int64), (None,) * count)
+
+    @classmethod
+    def concat(cls, parts: Sequence["Sources"]) -> "Sources":
+        if not parts:
+            return cls.unknown(0)
+        return cls(
+            np.concatenate([part.sizes for part in parts]).astype(np.int64),
+            np.concatenate([part.mtimes_ns for part in parts]).astype(np.int64),
+            tuple(digest for part in parts for digest in part.sha256),
+        )
+
+    def take(self, rows: np.ndarray) -> "Sources":
+        rows = np.asarray(rows, dtype=np.int64)
+        return Sources(self.sizes[rows], self.mtimes_ns[rows], tuple(self.sha256[r] for r in rows))
+
+
+@dataclass(frozen=True)
+class Additions:
+    """New items for an index: their items, embeddings (N, D) and source files, in the same order."""
+
+    items: list[Item]
+    embeddings: np.ndarray
+    sources: Sources
+
+    def __post_init__(self) -> None:
+        if not len(self.items) == len(self.embeddings) == len(self.sources):
+            raise ValueError(
+                f"additions: {len(self.items)} items, {len(self.embeddings)} embeddings, {len(self.sources)} sources"
+            )
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
 @dataclass
 class Index:
-    """Embeddings of a gallery plus what is needed to search and show them."""
+    """Embeddings of a gallery plus what is needed to search and show them.
+
+    Rows are the live items in id order; `ids[row]` is a row's stable item id. `hnsw` holds the
+    first `graph_rows` rows (None: all of them); the others are searched exactly.
+    """
 
     model: ModelInfo
     root: str
     items: list[Item]
-    embeddings: np.ndarray  # (N, D) float32, unit rows; read-only and memory-mapped when loaded
+    embeddings: np.ndarray  # (N, D) float32, unit rows; read-only when loaded
     hnsw_params: HnswParams = field(default_factory=HnswParams)
-    hnsw: object | None = None  # hnswlib.Index, built lazily for tiny sets
+    hnsw: object | None = None  # hnswlib.Index, labels = ids; built lazily for tiny sets
     created: float = field(default_factory=time.time)
     runtime: dict | None = None  # {"backend", "precision"} that embedded the gallery; queries reuse it
     encoder: dict | None = None  # how to rebuild the encoder (defined by the service layer; opaque here)
     version_dir: Path | None = None  # the version directory it was loaded from; None when built in memory
+    ids: np.ndarray | None = None  # (N,) int64, strictly increasing; None: 0..N-1
+    sources: Sources | None = None  # the files the rows were embedded from; None: not recorded
+    next_id: int | None = None  # the id the next added item gets; None: one past the last id
+    graph_rows: int | None = None  # rows [0, graph_rows) are in hnsw; None: all rows
+    build: dict = field(default_factory=dict)  # how the gallery was read: {"draft", "include_hidden"}
 
     def __post_init__(self) -> None:
         if self.embeddings.ndim != 2 or self.embeddings.shape != (len(self.items), self.model.dim):
@@ -103,6 +197,15 @@ class Index:
                 f"embeddings shape {self.embeddings.shape} does not match {len(self.items)} items "
                 f"x dim {self.model.dim}"
             )
+        self.ids = np.arange(len(self.items), dtype=np.int64) if self.ids is None else np.asarray(self.ids, np.int64)
+        if self.ids.shape != (len(self.items),) or (len(self.ids) and (self.ids[0] < 0 or (np.diff(self.ids) <= 0).any())):
+            raise BadIndex(f"item ids must be {len(self.items)} increasing non-negative numbers")
+        last = int(self.ids[-1]) if len(self.ids) else -1
+        self.next_id = last + 1 if self.next_id is None else int(self.next_id)
+        if self.next_id <= last:
+            raise BadIndex(f"next item id {self.next_id} is not above the last id {last}")
+        if self.sources is not None and len(self.sources) != len(self.items):
+            raise BadIndex(f"{len(self.sources)} source records for {len(self.items)} items")
 
     def __len__(self) -> int:
         return len(self.items)
@@ -111,12 +214,25 @@ class Index:
     def labels(self) -> np.ndarray:
         return np.array([item.label for item in self.items])
 
+    # --- ids and rows -------------------------------------------------------------------------
+
+    def find_row(self, item_id: int) -> int | None:
+        """The row of a live item id, None when no live item has it."""
+        if not 0 <= item_id < 2**63:
+            return None
+        row = int(np.searchsorted(self.ids, item_id))
+        return row if row < len(self.ids) and self.ids[row] == item_id else None
+
+    def rows_of(self, item_ids) -> np.ndarray:
+        """Rows of live item ids (any shape); ValueError naming one that is not live."""
+        return rows_of(self.ids, item_ids)
+
     # --- search -----------------------------------------------------------------------------
 
     def search(
         self, queries: np.ndarray, k: int = 10, *, exact: bool = False, ef: int | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k item ids and cosine similarities for each query row, best first."""
+        """Top-k rows and cosine similarities for each query row, best first (`ids[rows]`: item ids)."""
         queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
         k = min(k, len(self))
         if k == 0:
@@ -124,31 +240,30 @@ class Index:
             return empty.astype(np.int64), empty.astype(np.float32)
         if exact or self.hnsw is None:
             return exact_search(self.embeddings, queries, k)
-        self.hnsw.set_ef(max(ef or self.hnsw_params.ef_search, k))
-        ids, distances = self.hnsw.knn_query(queries, k=k)
-        return ids.astype(np.int64), (1.0 - distances).astype(np.float32)
+        in_graph = len(self) if self.graph_rows is None else self.graph_rows
+        parts = []
+        if in_graph:
+            graph_k = min(k, in_graph)
+            self.hnsw.set_ef(max(ef or self.hnsw_params.ef_search, graph_k))
+            labels, distances = self.hnsw.knn_query(queries, k=graph_k)
+            parts.append((self.rows_of(labels), (1.0 - distances).astype(np.float32)))
+        if in_graph < len(self):  # added since the graph was written: searched exactly
+            rows, scores = exact_search(self.embeddings[in_graph:], queries, min(k, len(self) - in_graph))
+            parts.append((rows + in_graph, scores))
+        if len(parts) == 1:
+            return parts[0][0].astype(np.int64), parts[0][1]
+        rows = np.concatenate([part[0] for part in parts], axis=1)
+        scores = np.concatenate([part[1] for part in parts], axis=1)
+        order = np.lexsort((rows, -scores), axis=1)[:, :k]
+        return np.take_along_axis(rows, order, axis=1).astype(np.int64), np.take_along_axis(scores, order, axis=1)
 
     # --- persistence --------------------------------------------------------------------------
-
-    def manifest(self, files: dict[str, dict]) -> dict:
-        return {
-            "format_version": FORMAT_VERSION,
-            "model": self.model.to_dict(),
-            "dim": self.model.dim,
-            "metric": "cosine",
-            "count": len(self),
-            "root": self.root,
-            "hnsw": asdict(self.hnsw_params),
-            "created": self.created,
-            "runtime": self.runtime,
-            "encoder": self.encoder,
-            "files": files,
-        }
 
     def save(
         self, index_dir: str | Path, *, wait: bool = True, on_wait: Callable[[str], None] | None = None
     ) -> Path:
-        """Write a new version atomically, make it live, and return its directory.
+        """Write the whole index as a new version (one segment, a graph of every row), make it live,
+        and return its directory.
 
         Takes the directory's writer lock itself (`wait`/`on_wait` as in index_writer_lock; a
         caller already holding it is not blocked). Then it removes what the directory held
@@ -157,47 +272,52 @@ class Index:
         """
         index_dir = Path(index_dir)
         with index_writer_lock(index_dir, wait=wait, on_wait=on_wait):
-            superseded = [entry for entry in index_dir.iterdir() if entry.name.startswith(WRITER_PREFIXES)]
-            version = self._write_version(index_dir)
+            superseded = _writer_entries(index_dir)
+            version = _write_version(index_dir, self._write_all)
             for entry in superseded:
                 _remove(entry)
         return version
 
-    def _write_version(self, index_dir: Path) -> Path:
-        staging = _new_staging_dir(index_dir)
-        version = index_dir / f"v-{time.strftime('%Y%m%d-%H%M%S')}-{staging.name[-8:]}"
-        try:
-            np.save(staging / EMBEDDINGS, self.embeddings.astype(np.float32))
-            (staging / ITEMS).write_text(json.dumps([asdict(item) for item in self.items]))
-            if self.hnsw is None:
-                self.hnsw = build_hnsw(self.embeddings, self.hnsw_params)
-            self.hnsw.save_index(str(staging / HNSW))
-            files = {name: _file_fingerprint(staging / name) for name in REQUIRED_FILES}
-            (staging / MANIFEST).write_text(json.dumps(self.manifest(files), indent=2))
-            for name in (*REQUIRED_FILES, MANIFEST):
-                fsync_path(staging / name)
-            os.rename(staging, version)
-            fsync_path(index_dir)
-            write_text_atomic(index_dir / CURRENT, version.name + "\n")
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            if _current_name(index_dir) != version.name:  # renamed into place but never made live
-                shutil.rmtree(version, ignore_errors=True)
-            raise
-        return version
+    def _write_all(self, staging: Path) -> tuple[dict, dict[str, dict]]:
+        graph = self._complete_graph()
+        segment = Segment.named(0, len(self))
+        _write_segment(staging, segment, self.ids, self.items, self.embeddings, self.sources or Sources.unknown(len(self)))
+        graph_file = GraphFile(_name("graph", 0) + ".bin", len(self), 0, self.next_id)
+        graph.save_index(str(staging / graph_file.file))
+        layout = Layout((segment,), _no_ids(), graph_file, _no_ids(), self.next_id, 1)
+        _write_deletions(staging, layout)
+        return self._manifest(layout), {}
+
+    def _complete_graph(self):
+        """The graph of every row with no deleted marks: the one held, or a new one."""
+        complete = self.hnsw is not None and (self.graph_rows is None or self.graph_rows == len(self))
+        if complete and self.graph_rows is not None:  # loaded: it may hold marked-deleted slots
+            complete = self.hnsw.get_current_count() == len(self)
+        if not complete:
+            self.hnsw, self.graph_rows = build_hnsw(self.embeddings, self.hnsw_params, self.ids), None
+        return self.hnsw
+
+    def _manifest(self, layout: "Layout") -> dict:
+        return manifest_of(
+            model=self.model, root=self.root, count=len(self), hnsw_params=self.hnsw_params, created=self.created,
+            runtime=self.runtime, encoder=self.encoder, build=self.build, layout=layout,
+        )
 
     @classmethod
     def load(cls, index_dir: str | Path, *, verify: bool = False) -> "Index":
         """Load the live version, refusing damaged files and unknown formats with a clear message.
 
-        The default checks are cheap: format version, the required files listed in the manifest,
-        present and of the recorded sizes, item count and embedding shape, the HNSW header; the
-        embeddings are memory-mapped read-only, not read. A changed byte that keeps a file's size
-        passes them (only a checksum can tell): `verify=True` or `verify_index` hashes every file.
-        When a cheap check fails, the checksums run too, to name the damaged file.
+        The default checks are cheap: format version, the files listed in the manifest, present
+        and of the recorded sizes, item counts and embedding shapes, the HNSW header; a single
+        segment's embeddings are memory-mapped read-only, not read (several are gathered into one
+        read-only array). A changed byte that keeps a file's size passes them (only a checksum can
+        tell): `verify=True` or `verify_index` hashes every file. When a cheap check fails, the
+        checksums run too, to name the damaged file.
         """
         index_dir = Path(index_dir)
-        return _at_live_version(index_dir, lambda version: _load_version(index_dir, version, checksums=verify))
+        return _at_live_version(
+            index_dir, lambda version: _load_version(index_dir, version, _read_index, checksums=verify)
+        )
 
     def check_model(self, expected: ModelInfo) -> None:
         """Refuse an index made by another model: its vectors live in another space."""
@@ -214,16 +334,664 @@ class Index:
             )
 
 
+def rows_of(ids: np.ndarray, item_ids) -> np.ndarray:
+    """Rows of item ids (any shape) among increasing `ids`; ValueError naming one that is not there."""
+    item_ids = np.asarray(item_ids, dtype=np.int64)
+    if not len(ids):
+        if item_ids.size:
+            raise ValueError(f"no item {int(item_ids.flat[0])} in the index (0 items)")
+        return np.zeros(item_ids.shape, np.int64)
+    rows = np.minimum(np.searchsorted(ids, item_ids), len(ids) - 1)
+    missing = ids[rows] != item_ids
+    if missing.any():
+        raise ValueError(f"no item {int(item_ids[missing].flat[0])} in the index ({len(ids)} items)")
+    return rows
+
+
 def verify_index(index_dir: str | Path) -> list[str]:
     """Every problem of the live index, one line each, checksums of all files included; [] = healthy."""
     index_dir = Path(index_dir)
     try:
-        _at_live_version(index_dir, lambda version: _load_version(index_dir, version, checksums=True))
+        _at_live_version(index_dir, lambda version: _load_version(index_dir, version, _read_index, checksums=True))
     except DamagedFiles as exc:
         return [f"{index_dir}: damaged index, {problem}" for problem in exc.problems]
     except BadIndex as exc:
         return [str(exc)]
     return []
+
+
+# --- the layout of a version ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Stored items and their embeddings, written once: `rows` includes removed items."""
+
+    embeddings_file: str
+    items_file: str
+    rows: int
+
+    @classmethod
+    def named(cls, number: int, rows: int) -> "Segment":
+        name = _name("seg", number)
+        return cls(f"{name}.npy", f"{name}.items.json", rows)
+
+
+@dataclass(frozen=True)
+class GraphFile:
+    """An HNSW graph file: `slots` elements, `marked` of them marked deleted; it held every item
+    with an id below `id_bound` that was live when it was written."""
+
+    file: str
+    slots: int
+    marked: int
+    id_bound: int
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The files of a version and how they combine into the live items."""
+
+    segments: tuple[Segment, ...]
+    deleted: np.ndarray  # ids stored in the segments but removed (sorted)
+    graph: GraphFile
+    graph_deleted: np.ndarray  # ids in the graph file, unmarked there, but removed (sorted)
+    next_id: int
+    next_name: int  # number of the next segment or graph file written
+
+
+def _name(kind: str, number: int) -> str:
+    return f"{kind}-{number:06d}"
+
+
+def _no_ids() -> np.ndarray:
+    return np.empty(0, np.int64)
+
+
+def manifest_of(
+    *, model: ModelInfo, root: str, count: int, hnsw_params: HnswParams, created: float, runtime: dict | None,
+    encoder: dict | None, build: dict, layout: Layout,
+) -> dict:
+    """A format-2 manifest without its file table (the writer adds it)."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "model": model.to_dict(),
+        "dim": model.dim,
+        "metric": "cosine",
+        "count": count,
+        "root": root,
+        "hnsw": asdict(hnsw_params),
+        "created": created,
+        "written": time.time(),
+        "runtime": runtime,
+        "encoder": encoder,
+        "build": build,
+        "segments": [asdict(segment) for segment in layout.segments],
+        "graph": asdict(layout.graph),
+        "deleted": len(layout.deleted),
+        "graph_deleted": len(layout.graph_deleted),
+        "next_id": layout.next_id,
+        "next_name": layout.next_name,
+    }
+
+
+def _layout(version: Path, manifest: dict) -> Layout:
+    """The layout a manifest describes; a format-1 version reads as one segment and one graph."""
+    path = version / MANIFEST
+    count = manifest["count"]
+    if manifest["format_version"] == 1:
+        segment = Segment(EMBEDDINGS, ITEMS, count)
+        return Layout((segment,), _no_ids(), GraphFile(HNSW, count, 0, count), _no_ids(), count, 0)
+    try:
+        segments = tuple(Segment(**entry) for entry in manifest["segments"])
+        graph = GraphFile(**manifest["graph"])
+        numbers = [manifest[key] for key in ("deleted", "graph_deleted", "next_id", "next_name")]
+    except (KeyError, TypeError) as exc:
+        raise BadIndex(f"{path}: damaged index, bad layout ({type(exc).__name__}: {exc}); {REINDEX}") from None
+    counts = [segment.rows for segment in segments] + [graph.slots, graph.marked, graph.id_bound, *numbers]
+    if not segments or not all(_is_count(value) for value in counts):
+        raise BadIndex(f"{path}: damaged index, its segments or graph are not described by counts; {REINDEX}")
+    deleted = _read_ids(version / DELETED, manifest["deleted"])
+    graph_deleted = _read_ids(version / GRAPH_DELETED, manifest["graph_deleted"])
+    return Layout(segments, deleted, graph, graph_deleted, manifest["next_id"], manifest["next_name"])
+
+
+def _layout_files(manifest: dict) -> list[str]:
+    """The files a manifest's layout needs (BadIndex when the layout is not described)."""
+    if manifest["format_version"] == 1:
+        return [EMBEDDINGS, ITEMS, HNSW]
+    try:
+        names = [name for entry in manifest["segments"] for name in (entry["embeddings_file"], entry["items_file"])]
+        return [*names, manifest["graph"]["file"], DELETED, GRAPH_DELETED]
+    except (KeyError, TypeError) as exc:
+        raise BadIndex(f"damaged index, bad layout ({type(exc).__name__}: {exc}); {REINDEX}") from None
+
+
+def _read_ids(path: Path, count: int) -> np.ndarray:
+    ids = np.load(path, allow_pickle=False)
+    if ids.dtype != np.int64 or ids.shape != (count,) or (len(ids) and (np.diff(ids) <= 0).any()):
+        raise BadIndex(f"{path}: damaged index, not {count} increasing int64 ids; {REINDEX}")
+    return ids
+
+
+def _write_deletions(staging: Path, layout: Layout) -> None:
+    np.save(staging / DELETED, layout.deleted.astype(np.int64))
+    np.save(staging / GRAPH_DELETED, layout.graph_deleted.astype(np.int64))
+
+
+def _write_segment(
+    staging: Path, segment: Segment, ids: np.ndarray, items: Sequence[Item], embeddings: np.ndarray, sources: Sources
+) -> None:
+    np.save(staging / segment.embeddings_file, np.asarray(embeddings, dtype=np.float32))
+    _write_items(staging, segment, ids, items, sources)
+
+
+def _write_items(staging: Path, segment: Segment, ids: np.ndarray, items: Sequence[Item], sources: Sources) -> None:
+    columns = {
+        "ids": [int(i) for i in ids],
+        "paths": [item.path for item in items],
+        "labels": [item.label for item in items],
+        "sizes": sources.sizes.tolist(),
+        "mtimes_ns": sources.mtimes_ns.tolist(),
+        "sha256": list(sources.sha256),
+    }
+    (staging / segment.items_file).write_text(json.dumps(columns))
+
+
+@dataclass(frozen=True)
+class SegmentItems:
+    """A segment's stored items (removed ones included), in row order."""
+
+    ids: np.ndarray
+    items: list[Item]
+    sources: Sources
+
+
+def _read_segment_items(version: Path, segment: Segment) -> SegmentItems:
+    """A segment's item file: format 2's columns, or format 1's list of {path, label} (ids = rows)."""
+    path = version / segment.items_file
+    data = json.loads(path.read_text())
+    if isinstance(data, list):  # format 1
+        items = [Item(**entry) for entry in data]
+        return SegmentItems(np.arange(len(items), dtype=np.int64), items, Sources.unknown(len(items)))
+    columns = ("ids", "paths", "labels", "sizes", "mtimes_ns", "sha256")
+    if not isinstance(data, dict) or not all(isinstance(data.get(key), list) for key in columns):
+        raise BadIndex(f"{path}: damaged index, not a table of {', '.join(columns)}; {REINDEX}")
+    if len({len(data[key]) for key in columns}) != 1:
+        raise BadIndex(f"{path}: damaged index, its columns differ in length; {REINDEX}")
+    if not all(isinstance(text, str) for key in ("paths", "labels") for text in data[key]):
+        raise BadIndex(f"{path}: damaged index, an item whose path or label is not text; {REINDEX}")
+    if not all(digest is None or isinstance(digest, str) for digest in data["sha256"]):
+        raise BadIndex(f"{path}: damaged index, a sha256 that is not text; {REINDEX}")
+    items = [Item(path=p, label=label) for p, label in zip(data["paths"], data["labels"])]
+    try:
+        ids, sizes, mtimes = (np.array(data[key], dtype=np.int64) for key in ("ids", "sizes", "mtimes_ns"))
+    except (TypeError, ValueError, OverflowError):
+        raise BadIndex(f"{path}: damaged index, ids, sizes or mtimes that are not integers; {REINDEX}") from None
+    return SegmentItems(ids, items, Sources(sizes, mtimes, tuple(data["sha256"])))
+
+
+# --- reading a version ------------------------------------------------------------------------
+
+
+@dataclass
+class IndexState:
+    """A version as a writer sees it: its manifest, layout and live items, without vectors or graph.
+
+    Reading it is what an incremental writer needs to decide what changed (paths, sources, ids);
+    `write` then makes the next version from it, under the writer lock.
+    """
+
+    index_dir: Path
+    version: Path
+    manifest: dict
+    layout: Layout
+    segment_items: list[SegmentItems]
+    kept: list[np.ndarray]  # per segment: which stored rows are live
+    items: list[Item]  # live items, in id order
+    ids: np.ndarray
+    sources: Sources
+
+    @classmethod
+    def read(cls, index_dir: str | Path) -> "IndexState":
+        """The live version's state (the cheap checks of Index.load; no vectors, no graph)."""
+        index_dir = Path(index_dir)
+        return _at_live_version(
+            index_dir, lambda version: _load_version(index_dir, version, _read_state, checksums=False)
+        )
+
+    @property
+    def model(self) -> ModelInfo:
+        return ModelInfo.from_dict(self.manifest["model"])
+
+    @property
+    def root(self) -> str:
+        return self.manifest["root"]
+
+    @property
+    def hnsw_params(self) -> HnswParams:
+        return HnswParams(**self.manifest["hnsw"])
+
+    @property
+    def encoder(self) -> dict | None:
+        return self.manifest.get("encoder")
+
+    @property
+    def build(self) -> dict:
+        return self.manifest.get("build") or {}
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def runtime(self) -> dict | None:
+        return self.manifest.get("runtime")
+
+    @property
+    def version_dir(self) -> Path:
+        return self.version
+
+    def write(
+        self,
+        added: Additions | None = None,
+        removed: Sequence[int] = (),
+        *,
+        compact: bool = False,
+        build: dict | None = None,
+    ) -> "Written":
+        """Make the version that adds `added` (new ids) and drops the live ids `removed`, and make it live.
+
+        Shared files are hard-linked; only new segments, the deletion lists and the manifest are
+        written, plus the graph when it takes in pending items and everything when the version is
+        compacted (`compact`, or too many removed items stored). `build` updates the recorded build
+        options. Holds the writer lock (a caller holding it since `read` is not blocked); refuses a
+        state that is no longer the live one.
+        """
+        added = added if added is not None else Additions([], np.empty((0, self.model.dim), np.float32), Sources.unknown(0))
+        removed_ids = np.unique(np.asarray(list(removed), dtype=np.int64))
+        rows_of(self.ids, removed_ids)  # every removed id is live
+        if added.embeddings.shape[1:] != (self.model.dim,):
+            raise ValueError(f"added embeddings have shape {added.embeddings.shape}, the index holds dim {self.model.dim}")
+        with index_writer_lock(self.index_dir):
+            if _current_name(self.index_dir) != self.version.name:
+                raise BadIndex(f"{self.index_dir}: another writer changed the index since it was read; read it again")
+            superseded = _writer_entries(self.index_dir)
+            plan = _UpdatePlan(self, added, removed_ids, compact, {**self.build, **(build or {})})
+            version = _write_version(self.index_dir, plan.write)
+            for entry in superseded:
+                _remove(entry)
+        return Written(version, plan.added_ids, removed_ids, len(self) - len(removed_ids) + len(added),
+                       plan.compacted, plan.graph_action, plan.bytes_written)
+
+
+
+@dataclass(frozen=True)
+class Written:
+    """What a write made: the version, the ids given to the added items, what happened to the files."""
+
+    version: Path
+    added_ids: np.ndarray
+    removed_ids: np.ndarray
+    count: int
+    compacted: bool
+    graph: str  # "kept" (linked), "extended" (took in pending items) or "rebuilt"
+    bytes_written: int  # bytes of the files written (not linked) into the version
+
+
+def _read_state(index_dir: Path, version: Path, manifest: dict) -> IndexState:
+    """The live items of a version whose files are present and of the recorded sizes."""
+    layout = _layout(version, manifest)
+    parts = [_read_segment_items(version, segment) for segment in layout.segments]
+    stored = np.concatenate([part.ids for part in parts])
+    problems = []
+    for segment, part in zip(layout.segments, parts):
+        if len(part.ids) != segment.rows:
+            problems.append(f"{segment.items_file} holds {len(part.ids)} items, the manifest says {segment.rows}")
+    if len(stored) and (stored[0] < 0 or (np.diff(stored) <= 0).any() or stored[-1] >= layout.next_id):
+        problems.append(f"item ids are not increasing and below next_id {layout.next_id}")
+    if not np.isin(layout.deleted, stored).all():
+        problems.append(f"{DELETED} names items no segment stores")
+    kept = [~np.isin(part.ids, layout.deleted) for part in parts]
+    live = sum(int(mask.sum()) for mask in kept)
+    if live != manifest["count"]:
+        problems.append(f"{live} live items but the manifest says {manifest['count']}")
+    if problems:
+        raise BadIndex(f"{index_dir}: damaged index, {'; '.join(problems)}; {REINDEX}")
+    items = [item for part, mask in zip(parts, kept) for item, keep in zip(part.items, mask) if keep]
+    ids = np.concatenate([part.ids[mask] for part, mask in zip(parts, kept)])
+    sources = Sources.concat([part.sources.take(np.flatnonzero(mask)) for part, mask in zip(parts, kept)])
+    return IndexState(index_dir, version, manifest, layout, parts, kept, items, ids, sources)
+
+
+def _read_index(index_dir: Path, version: Path, manifest: dict) -> Index:
+    """The Index of a version: its state, then the embeddings and the graph."""
+    state = _read_state(index_dir, version, manifest)
+    dim, layout = manifest["dim"], state.layout
+    try:
+        model = ModelInfo.from_dict(manifest["model"])
+        params = HnswParams(**manifest["hnsw"])
+        arrays = [np.load(version / segment.embeddings_file, mmap_mode="r", allow_pickle=False) for segment in layout.segments]
+    except (KeyError, TypeError, ValueError) as exc:  # JSON and UTF-8 errors are ValueErrors
+        raise BadIndex(f"{index_dir}: damaged index ({type(exc).__name__}: {exc})") from None
+    if not all(_is_count(value) and value > 0 for value in asdict(params).values()):
+        raise BadIndex(
+            f"{version / MANIFEST}: damaged index, hnsw parameters {asdict(params)} are not positive integers"
+        )
+    for segment, array in zip(layout.segments, arrays):
+        if array.shape != (segment.rows, dim):
+            raise BadIndex(
+                f"{index_dir}: damaged index, {segment.items_file} has {segment.rows} items and embeddings "
+                f"{array.shape} but the manifest says {segment.rows} x {dim}"
+            )
+        if array.dtype != np.float32:
+            raise BadIndex(f"{index_dir}: damaged index, {segment.embeddings_file} holds {array.dtype}, not float32")
+    encoder = manifest.get("encoder")  # absent in indexes written before it was recorded
+    if encoder is not None and not isinstance(encoder, dict):
+        raise BadIndex(f"{version / MANIFEST}: damaged index, encoder is not a table")
+    index = Index(
+        model,
+        manifest["root"],
+        state.items,
+        _live_rows(arrays, state.kept),
+        params,
+        created=manifest["created"],
+        runtime=manifest.get("runtime"),  # absent in indexes written before it was recorded
+        encoder=encoder,
+        version_dir=version,
+        ids=state.ids,
+        sources=state.sources,
+        next_id=layout.next_id,
+        graph_rows=int(np.searchsorted(state.ids, layout.graph.id_bound)),
+        build=manifest.get("build") or {},
+    )
+    index.hnsw = _graph_of(version, layout, index)
+    return index
+
+
+def _live_rows(arrays: list[np.ndarray], kept: list[np.ndarray]) -> np.ndarray:
+    """The live rows of the segments as one read-only array: the mapping itself when it is one
+    segment with nothing removed, else a copy."""
+    if len(arrays) == 1 and kept[0].all():
+        return np.asarray(arrays[0])  # a plain read-only view of the mapping
+    live = np.concatenate([array[mask] for array, mask in zip(arrays, kept)])
+    live.flags.writeable = False
+    return live
+
+
+def _graph_of(version: Path, layout: Layout, index: Index):
+    """The version's graph file with the items removed since it was written marked deleted."""
+    graph = layout.graph
+    path = version / graph.file
+    in_graph = index.graph_rows
+    if graph.slots - graph.marked - len(layout.graph_deleted) != in_graph:
+        raise BadIndex(
+            f"{path}: damaged index, the graph holds {graph.slots} items ({graph.marked} marked deleted, "
+            f"{len(layout.graph_deleted)} removed since) but {in_graph} live items have ids below {graph.id_bound}; "
+            f"{REINDEX}"
+        )
+    loaded = load_hnsw(path, index.model.dim, graph.slots, index.hnsw_params)
+    try:
+        for item_id in layout.graph_deleted:
+            loaded.mark_deleted(int(item_id))
+    except RuntimeError as exc:
+        raise BadIndex(f"{path}: damaged index, cannot mark a removed item ({exc}); {REINDEX}") from None
+    return loaded
+
+
+def _load_version(index_dir: Path, version: Path, read: Callable[[Path, Path, dict], T], *, checksums: bool) -> T:
+    """read(index_dir, version, manifest) after the file checks, naming a damaged file when it fails."""
+    try:
+        manifest = read_manifest(version)
+        files = manifest["files"]
+        problems = _file_problems(version, files, checksums=checksums)
+        if problems:
+            raise DamagedFiles(index_dir, problems)
+        try:
+            return read(index_dir, version, manifest)
+        except (BadIndex, KeyError, TypeError, ValueError) as exc:
+            problems = [] if checksums else _file_problems(version, files, checksums=True)
+            if problems:  # the precise reason: a file changed after it was written
+                raise DamagedFiles(index_dir, problems) from None
+            if isinstance(exc, BadIndex):
+                raise
+            raise BadIndex(f"{index_dir}: damaged index ({type(exc).__name__}: {exc})") from None
+    except PermissionError as exc:
+        raise BadIndex(
+            f"{exc.filename or version}: permission denied reading the index; ask its owner to make "
+            f"it readable (chmod -R a+rX {index_dir}) or run as a user who can read it"
+        ) from None
+    except OSError as exc:  # a file vanished mid-read, or the disk failed
+        raise BadIndex(f"{index_dir}: cannot read the index ({exc.filename}: {exc.strerror})") from None
+
+
+def _at_live_version(index_dir: Path, read: Callable[[Path], T]) -> T:
+    """read(live version), once more with the new one if a writer switched CURRENT meanwhile.
+
+    CURRENT is read once per attempt and everything comes from that version; a version that
+    vanished under the reader was an old one, deleted after a writer made a newer one live.
+    """
+    version = live_version(index_dir)
+    try:
+        return read(version)
+    except BadIndex:
+        if _current_name(index_dir) in (None, version.name):
+            raise
+    return read(live_version(index_dir))
+
+
+def _file_problems(version: Path, files: dict[str, dict], *, checksums: bool) -> list[str]:
+    """What is wrong with each file the manifest lists: missing, resized, or (checksums) changed."""
+    problems = []
+    for name, recorded in files.items():
+        try:
+            size = (version / name).stat().st_size
+        except FileNotFoundError:
+            problems.append(f"{name} is missing")
+            continue
+        if size != recorded["bytes"]:
+            problems.append(f"{name} has {size} bytes, the manifest says {recorded['bytes']}")
+        elif checksums and sha256_files([version / name]) != recorded["sha256"]:
+            problems.append(f"{name} checksum mismatch (changed after it was written)")
+    return problems
+
+
+# --- writing a version ------------------------------------------------------------------------
+
+
+def _write_version(index_dir: Path, fill: Callable[[Path], tuple[dict, dict[str, dict]]]) -> Path:
+    """Stage a version, make it durable, rename it into place, point CURRENT at it.
+
+    `fill(staging)` writes or links the version's files and returns its manifest (without the
+    file table) and the fingerprints it already knows (of linked files); the others are hashed.
+    """
+    staging = _new_staging_dir(index_dir)
+    version = index_dir / f"v-{time.strftime('%Y%m%d-%H%M%S')}-{staging.name[-8:]}"
+    try:
+        manifest, known = fill(staging)
+        names = sorted(entry.name for entry in staging.iterdir())
+        written = [name for name in names if name not in known]
+        manifest["files"] = {name: known.get(name) or _file_fingerprint(staging / name) for name in names}
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        for name in (*written, MANIFEST):
+            fsync_path(staging / name)
+        fsync_path(staging)
+        os.rename(staging, version)
+        fsync_path(index_dir)
+        write_text_atomic(index_dir / CURRENT, version.name + "\n")
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if _current_name(index_dir) != version.name:  # renamed into place but never made live
+            shutil.rmtree(version, ignore_errors=True)
+        raise
+    return version
+
+
+def _link(source: Path, target: Path) -> None:
+    """Share an immutable file with the new version: a hard link, or a copy where links fail."""
+    try:
+        os.link(source, target)
+    except OSError:  # no hard links here (some network and FAT file systems), or across devices
+        shutil.copyfile(source, target)
+
+
+@dataclass
+class _Planned:
+    """A segment of the next version: a base segment kept (linked), or rows gathered and written."""
+
+    origins: list[int]  # base segment numbers the rows come from; -1: the additions
+    ids: np.ndarray  # stored ids, in row order
+    live: np.ndarray  # which stored rows are live
+    keep: bool
+
+
+class _UpdatePlan:
+    """How one incremental write turns the base version's layout into the next one."""
+
+    def __init__(self, base: IndexState, added: Additions, removed: np.ndarray, compact: bool, build: dict) -> None:
+        self.base, self.added, self.removed, self.build = base, added, removed, build
+        layout = base.layout
+        self.added_ids = np.arange(layout.next_id, layout.next_id + len(added), dtype=np.int64)
+        self.next_id = layout.next_id + len(added)
+        self.live_ids = np.concatenate([np.setdiff1d(base.ids, removed, assume_unique=True), self.added_ids])
+        self.deleted = np.union1d(layout.deleted, removed)
+        self.graph_deleted = np.union1d(layout.graph_deleted, removed[removed < layout.graph.id_bound])
+        stored = sum(segment.rows for segment in layout.segments) + len(added)
+        marks = layout.graph.marked + len(self.graph_deleted)
+        self.compacted = compact or len(self.deleted) > COMPACT_DEAD_SHARE * stored or (
+            marks > COMPACT_DEAD_SHARE * max(layout.graph.slots, 1)
+        )
+        self.graph_action = "rebuilt"
+        self.bytes_written = 0
+        self.next_name = layout.next_name
+
+    def write(self, staging: Path) -> tuple[dict, dict[str, dict]]:
+        base = self.base
+        known: dict[str, dict] = {}
+        if self.compacted:
+            layout = self._compact(staging)
+        else:
+            segments, stored = self._segments(staging, known)
+            graph_file, graph_deleted = self._graph(staging, known)
+            deleted = self.deleted[np.isin(self.deleted, stored)]
+            layout = Layout(segments, deleted, graph_file, graph_deleted, self.next_id, self.next_name)
+        _write_deletions(staging, layout)
+        manifest = manifest_of(
+            model=base.model, root=base.root, count=len(self.live_ids), hnsw_params=base.hnsw_params,
+            created=base.manifest["created"], runtime=base.manifest.get("runtime"), encoder=base.encoder,
+            build=self.build, layout=layout,
+        )
+        written = [name for name in os.listdir(staging) if name not in known]
+        self.bytes_written = sum((staging / name).stat().st_size for name in written)
+        self.bytes_written += len(json.dumps(manifest, indent=2))  # about the manifest's size, table aside
+        return manifest, known
+
+    def _new_name(self, kind: str) -> str:
+        name = _name(kind, self.next_name)
+        self.next_name += 1
+        return name
+
+    def _compact(self, staging: Path) -> Layout:
+        """One segment of the live rows and a fresh graph: nothing removed stays stored."""
+        everything = list(range(len(self.base.layout.segments))) + [-1]
+        items, embeddings, sources = self._rows(everything, self.live_ids)
+        segment = Segment.named(self.next_name, len(self.live_ids))
+        self.next_name += 1
+        _write_segment(staging, segment, self.live_ids, items, embeddings, sources)
+        graph = GraphFile(self._new_name("graph") + ".bin", len(self.live_ids), 0, self.next_id)
+        build_hnsw(embeddings, self.base.hnsw_params, self.live_ids).save_index(str(staging / graph.file))
+        return Layout((segment,), _no_ids(), graph, _no_ids(), self.next_id, self.next_name)
+
+    def _segments(self, staging: Path, known: dict[str, dict]) -> tuple[tuple[Segment, ...], np.ndarray]:
+        """Keep the base's segments, add one for the additions, merge small trailing ones.
+
+        Returns the segments and every id they store (removed ones included)."""
+        base = self.base
+        planned = [
+            _Planned([number], part.ids, ~np.isin(part.ids, self.deleted), True)
+            for number, part in enumerate(base.segment_items)
+        ]
+        if len(self.added):
+            planned.append(_Planned([-1], self.added_ids, np.ones(len(self.added), bool), False))
+        while len(planned) >= 2 and planned[-2].live.sum() <= SEGMENT_MERGE_RATIO * planned[-1].live.sum():
+            first, second = planned[-2], planned[-1]
+            ids = np.concatenate([first.ids[first.live], second.ids[second.live]])
+            planned[-2:] = [_Planned(first.origins + second.origins, ids, np.ones(len(ids), bool), False)]
+        segments = []
+        for plan in planned:
+            if plan.keep:
+                segments.append(self._keep(staging, known, plan.origins[0]))
+                continue
+            items, embeddings, sources = self._rows(plan.origins, plan.ids)
+            segment = Segment.named(self.next_name, len(plan.ids))
+            self.next_name += 1
+            _write_segment(staging, segment, plan.ids, items, embeddings, sources)
+            segments.append(segment)
+        return tuple(segments), np.concatenate([plan.ids for plan in planned]) if planned else _no_ids()
+
+    def _keep(self, staging: Path, known: dict[str, dict], number: int) -> Segment:
+        """Link a base segment into the new version; a format-1 one gets a named copy of its items with ids."""
+        base = self.base
+        segment = base.layout.segments[number]
+        if base.manifest["format_version"] != 1:
+            for name in (segment.embeddings_file, segment.items_file):
+                _link(base.version / name, staging / name)
+                known[name] = base.manifest["files"][name]
+            return segment
+        converted = Segment.named(self.next_name, segment.rows)
+        self.next_name += 1
+        _link(base.version / segment.embeddings_file, staging / converted.embeddings_file)
+        known[converted.embeddings_file] = base.manifest["files"][segment.embeddings_file]
+        part = base.segment_items[number]
+        _write_items(staging, converted, part.ids, part.items, part.sources)
+        return converted
+
+    def _graph(self, staging: Path, known: dict[str, dict]) -> tuple[GraphFile, np.ndarray]:
+        """Link the base's graph, or, when too many live items are outside it, take them in."""
+        base, graph = self.base, self.base.layout.graph
+        pending = self.live_ids[self.live_ids >= graph.id_bound]
+        if len(pending) <= GRAPH_PENDING_SHARE * len(self.live_ids):
+            self.graph_action = "kept"
+            name = graph.file if base.manifest["format_version"] != 1 else self._new_name("graph") + ".bin"
+            _link(base.version / graph.file, staging / name)
+            known[name] = base.manifest["files"][graph.file]
+            return GraphFile(name, graph.slots, graph.marked, graph.id_bound), self.graph_deleted
+        self.graph_action = "extended"
+        everything = list(range(len(base.layout.segments))) + [-1]
+        _, vectors, _ = self._rows(everything, pending)
+        loaded = load_hnsw(base.version / graph.file, base.model.dim, graph.slots, base.hnsw_params,
+                           allow_replace_deleted=True)
+        for item_id in self.graph_deleted:
+            loaded.mark_deleted(int(item_id))
+        reusable = graph.marked + len(self.graph_deleted)
+        needed = graph.slots + max(0, len(pending) - reusable)
+        if needed > loaded.get_max_elements():
+            loaded.resize_index(math.ceil(needed * GRAPH_GROWTH))
+        loaded.add_items(vectors, pending, replace_deleted=True)
+        slots = loaded.get_current_count()
+        extended = GraphFile(self._new_name("graph") + ".bin", slots, slots - len(self.live_ids), self.next_id)
+        loaded.save_index(str(staging / extended.file))
+        return extended, _no_ids()
+
+    def _rows(self, origins: list[int], ids: np.ndarray) -> tuple[list[Item], np.ndarray, Sources]:
+        """Items, embeddings and sources of `ids` (in id order), from base segments and the additions (-1)."""
+        items: list[Item] = []
+        vectors, sources = [], []
+        for origin in origins:
+            if origin < 0:
+                stored, part_items, part_vectors, part_sources = (
+                    self.added_ids, self.added.items, self.added.embeddings, self.added.sources
+                )
+            else:
+                part = self.base.segment_items[origin]
+                segment = self.base.layout.segments[origin]
+                stored, part_items, part_sources = part.ids, part.items, part.sources
+                part_vectors = np.load(self.base.version / segment.embeddings_file, mmap_mode="r", allow_pickle=False)
+            rows = np.flatnonzero(np.isin(stored, ids))
+            items.extend(part_items[row] for row in rows)
+            vectors.append(np.asarray(part_vectors[rows], dtype=np.float32))
+            sources.append(part_sources.take(rows))
+        dim = self.base.model.dim
+        return items, np.concatenate(vectors) if vectors else np.empty((0, dim), np.float32), Sources.concat(sources)
 
 
 # --- the writer lock --------------------------------------------------------------------------
@@ -303,6 +1071,11 @@ def _check_writable_target(index_dir: Path) -> None:
             )
 
 
+def _writer_entries(index_dir: Path) -> list[Path]:
+    """What writers left in the directory: versions (the live one too) and dead writers' debris."""
+    return [entry for entry in index_dir.iterdir() if entry.name.startswith(WRITER_PREFIXES)]
+
+
 def _new_staging_dir(index_dir: Path) -> Path:
     """A fresh .tmp-* directory made like `mkdir` makes one (umask applies; mkdtemp's 0700 would
     keep other users out of a shared index)."""
@@ -316,6 +1089,7 @@ def _new_staging_dir(index_dir: Path) -> Path:
 
 
 def _remove(entry: Path) -> None:
+    """Remove a superseded entry; removing a version's names leaves files another version links."""
     if entry.is_dir() and not entry.is_symlink():
         shutil.rmtree(entry, ignore_errors=True)
     else:
@@ -326,106 +1100,8 @@ def _file_fingerprint(path: Path) -> dict:
     return {"bytes": path.stat().st_size, "sha256": sha256_files([path])}
 
 
-# --- loading ----------------------------------------------------------------------------------
-
-
-def _at_live_version(index_dir: Path, read: Callable[[Path], T]) -> T:
-    """read(live version), once more with the new one if a writer switched CURRENT meanwhile.
-
-    CURRENT is read once per attempt and everything comes from that version; a version that
-    vanished under the reader was an old one, deleted after a writer made a newer one live.
-    """
-    version = live_version(index_dir)
-    try:
-        return read(version)
-    except BadIndex:
-        if _current_name(index_dir) in (None, version.name):
-            raise
-    return read(live_version(index_dir))
-
-
-def _load_version(index_dir: Path, version: Path, *, checksums: bool) -> Index:
-    try:
-        manifest = read_manifest(version)
-        files = manifest["files"]
-        problems = _file_problems(version, files, checksums=checksums)
-        if problems:
-            raise DamagedFiles(index_dir, problems)
-        try:
-            return _read_version(index_dir, version, manifest)
-        except BadIndex:
-            problems = [] if checksums else _file_problems(version, files, checksums=True)
-            if problems:  # the precise reason: a file changed after it was written
-                raise DamagedFiles(index_dir, problems) from None
-            raise
-    except PermissionError as exc:
-        raise BadIndex(
-            f"{exc.filename or version}: permission denied reading the index; ask its owner to make "
-            f"it readable (chmod -R a+rX {index_dir}) or run as a user who can read it"
-        ) from None
-    except OSError as exc:  # a file vanished mid-read, or the disk failed
-        raise BadIndex(f"{index_dir}: cannot read the index ({exc.filename}: {exc.strerror})") from None
-
-
-def _file_problems(version: Path, files: dict[str, dict], *, checksums: bool) -> list[str]:
-    """What is wrong with each file the manifest lists: missing, resized, or (checksums) changed."""
-    problems = []
-    for name, recorded in files.items():
-        try:
-            size = (version / name).stat().st_size
-        except FileNotFoundError:
-            problems.append(f"{name} is missing")
-            continue
-        if size != recorded["bytes"]:
-            problems.append(f"{name} has {size} bytes, the manifest says {recorded['bytes']}")
-        elif checksums and sha256_files([version / name]) != recorded["sha256"]:
-            problems.append(f"{name} checksum mismatch (changed after it was written)")
-    return problems
-
-
-def _read_version(index_dir: Path, version: Path, manifest: dict) -> Index:
-    """Build the Index from files whose presence and sizes are checked; refuse what does not fit."""
-    count, dim = manifest["count"], manifest["dim"]
-    try:
-        model = ModelInfo.from_dict(manifest["model"])
-        params = HnswParams(**manifest["hnsw"])
-        items = [Item(**entry) for entry in json.loads((version / ITEMS).read_text())]
-        embeddings = np.load(version / EMBEDDINGS, mmap_mode="r", allow_pickle=False)
-    except (KeyError, TypeError, ValueError) as exc:  # JSON and UTF-8 errors are ValueErrors
-        raise BadIndex(f"{index_dir}: damaged index ({type(exc).__name__}: {exc})") from None
-    if not all(_is_count(value) and value > 0 for value in asdict(params).values()):
-        raise BadIndex(
-            f"{version / MANIFEST}: damaged index, hnsw parameters {asdict(params)} are not positive integers"
-        )
-    if not all(isinstance(item.path, str) and isinstance(item.label, str) for item in items):
-        raise BadIndex(f"{index_dir}: damaged index, {ITEMS} has an item whose path or label is not text")
-    if len(items) != count or embeddings.shape != (count, dim):
-        raise BadIndex(
-            f"{index_dir}: damaged index, {len(items)} items and embeddings {embeddings.shape} "
-            f"but the manifest says {count} x {dim}"
-        )
-    if embeddings.dtype != np.float32:
-        raise BadIndex(f"{index_dir}: damaged index, {EMBEDDINGS} holds {embeddings.dtype}, not float32")
-    encoder = manifest.get("encoder")  # absent in indexes written before it was recorded
-    if encoder is not None and not isinstance(encoder, dict):
-        raise BadIndex(f"{version / MANIFEST}: damaged index, encoder is not a table")
-    index = Index(
-        model,
-        manifest["root"],
-        items,
-        np.asarray(embeddings),  # a plain read-only view of the mapping
-        params,
-        created=manifest["created"],
-        runtime=manifest.get("runtime"),  # absent in indexes written before it was recorded
-        encoder=encoder,
-        version_dir=version,
-    )
-    index.hnsw = load_hnsw(version / HNSW, dim, count, params)
-    return index
-
-
 def exact_search(embeddings: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Brute-force cosine top-k; ties broken by lower item id so results are deterministic."""
+    """Brute-force cosine top-k rows; ties broken by the lower row so results are deterministic."""
     scores = queries @ embeddings.T
     k = min(k, scores.shape[1])
     part = np.argpartition(-scores, k - 1, axis=1)[:, :k] if k < scores.shape[1] else np.tile(
@@ -468,26 +1144,26 @@ NO_NODE = 2**32 - 1  # enterpoint_node of an empty graph (tableint -1)
 LEVEL_FACTOR = -math.log(sys.float_info.min * sys.float_info.epsilon)
 
 
-def build_hnsw(embeddings: np.ndarray, params: HnswParams):
-    """An hnswlib cosine index over the rows, item ids = row numbers."""
+def build_hnsw(embeddings: np.ndarray, params: HnswParams, ids: np.ndarray | None = None):
+    """An hnswlib cosine index over the rows, labelled with their item ids (default: row numbers)."""
     import hnswlib
 
     graph = hnswlib.Index(space="cosine", dim=embeddings.shape[1])
     graph.init_index(max_elements=max(1, len(embeddings)), ef_construction=params.ef_construction, M=params.M)
     if len(embeddings):
-        graph.add_items(embeddings, np.arange(len(embeddings)))
+        graph.add_items(embeddings, np.arange(len(embeddings)) if ids is None else ids)
     graph.set_ef(params.ef_search)
     return graph
 
 
-def load_hnsw(path: Path, dim: int, count: int, params: HnswParams):
-    """Load a graph saved by build_hnsw's index, after checking its header (check_hnsw_header)."""
+def load_hnsw(path: Path, dim: int, count: int, params: HnswParams, *, allow_replace_deleted: bool = False):
+    """Load a graph of `count` elements (marked-deleted ones included) after checking its header."""
     import hnswlib
 
     check_hnsw_header(path, dim, count, params)
     graph = hnswlib.Index(space="cosine", dim=dim)
     try:
-        graph.load_index(str(path), max_elements=max(1, count))
+        graph.load_index(str(path), max_elements=max(1, count), allow_replace_deleted=allow_replace_deleted)
     except (RuntimeError, ValueError) as exc:
         raise BadIndex(f"{path}: damaged HNSW graph ({exc}); {REINDEX}") from None
     if graph.get_current_count() != count:
@@ -567,6 +1243,12 @@ def live_version(index_dir: str | Path) -> Path:
     return version
 
 
+def live_version_name(index_dir: str | Path) -> str | None:
+    """The version name CURRENT holds now, or None when it cannot be read: a cheap poll for readers
+    that follow an index."""
+    return _current_name(Path(index_dir))
+
+
 def _current_name(index_dir: Path) -> str | None:
     """The version name in CURRENT, or None when it cannot be read."""
     try:
@@ -585,10 +1267,10 @@ def read_manifest(version: Path) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BadIndex(f"{version}: damaged index, {MANIFEST} is not valid JSON ({exc})") from None
     found = manifest.get("format_version") if isinstance(manifest, dict) else None
-    if found != FORMAT_VERSION:
+    if found not in READABLE_FORMATS:
         raise BadIndex(
             f"{version}: index format version {found!r} is not supported (this fastret reads "
-            f"version {FORMAT_VERSION}); re-index with `fastret index`"
+            f"versions {', '.join(map(str, READABLE_FORMATS))}); re-index with `fastret index`"
         )
     missing = [key for key in ("files", "model", "dim", "count", "root", "hnsw", "created") if key not in manifest]
     if missing:
@@ -596,15 +1278,15 @@ def read_manifest(version: Path) -> dict:
     for key in ("count", "dim"):
         if not _is_count(manifest[key]):
             raise BadIndex(f"{path}: damaged index, {key} is {manifest[key]!r}, not a non-negative integer; {REINDEX}")
-    _check_file_table(path, manifest["files"])
+    _check_file_table(path, manifest["files"], _layout_files(manifest))
     return manifest
 
 
-def _check_file_table(path: Path, files: object) -> None:
+def _check_file_table(path: Path, files: object, required: list[str]) -> None:
     """The manifest's files: a table listing at least the required files, each with size and sha256."""
     if not isinstance(files, dict):
         raise BadIndex(f"{path}: damaged index, files is {type(files).__name__}, not a table of files; {REINDEX}")
-    unlisted = [name for name in REQUIRED_FILES if name not in files]
+    unlisted = [name for name in required if name not in files]
     if unlisted:
         raise BadIndex(f"{path}: damaged index, files does not list {', '.join(unlisted)}; {REINDEX}")
     for name, recorded in files.items():

@@ -14,8 +14,9 @@ import numpy as np
 
 from fastret.engine.decode import list_images
 from fastret.engine.encoders import Encoder
-from fastret.engine.index import HnswParams, Index, Item, build_hnsw
-from fastret.engine.pipeline import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS, EmbedResult, Skipped, embed_files
+from fastret.engine.index import HnswParams, Index, build_hnsw
+from fastret.engine.pipeline import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS, EmbedResult, Skipped
+from fastret.engine.update import embed_paths
 
 SCORES = ("cosine", "softmax")
 SOFTMAX_TEMPERATURE = 100.0  # CLIP's logit scale
@@ -43,14 +44,17 @@ def build_index(
     if on_skip is not None:
         for skip in unlisted:
             on_skip(skip)
-    result = embed_files(
-        paths, encoder, batch_size=batch_size, workers=workers, draft=draft, on_skip=on_skip, on_progress=on_progress
+    added, result = embed_paths(
+        root, paths, encoder, batch_size=batch_size, workers=workers, draft=draft, on_skip=on_skip,
+        on_progress=on_progress,
     )
     result.skipped[:0] = unlisted
-    items = [Item(path=p.relative_to(root).as_posix(), label=p.parent.name) for p in result.paths]
     started = time.perf_counter()
-    index = Index(encoder.info, str(root), items, result.embeddings, hnsw_params, encoder=encoder.recipe.to_dict())
-    index.hnsw = build_hnsw(result.embeddings, hnsw_params)
+    index = Index(
+        encoder.info, str(root), added.items, added.embeddings, hnsw_params, encoder=encoder.recipe.to_dict(),
+        sources=added.sources, build={"draft": draft, "include_hidden": include_hidden},
+    )
+    index.hnsw = build_hnsw(added.embeddings, hnsw_params)
     result.stage_seconds["hnsw_build"] = round(time.perf_counter() - started, 4)
     return index, result
 
@@ -100,24 +104,25 @@ def _is_plain(path: str) -> bool:
     return not any(_is_control(c) for c in path)
 
 
-def hits_from(index: Index, ids: np.ndarray, scores: np.ndarray) -> list[Hit]:
-    """Ranked hits for one row of ids and scores; ids of -1 (padding) are dropped."""
+def hits_from(index: Index, rows: np.ndarray, scores: np.ndarray) -> list[Hit]:
+    """Ranked hits for one row of search results (rows, as Index.search returns them) and their
+    scores; rows of -1 (padding) are dropped. Hits carry the items' stable ids."""
     return [
-        Hit(rank=r + 1, item_id=int(i), path=index.items[i].path, label=index.items[i].label, score=float(v))
-        for r, (i, v) in enumerate((i, v) for i, v in zip(ids, scores) if i >= 0)
+        Hit(rank=r + 1, item_id=int(index.ids[i]), path=index.items[i].path, label=index.items[i].label, score=float(v))
+        for r, (i, v) in enumerate((i, v) for i, v in zip(rows, scores) if i >= 0)
     ]
 
 
 def softmax_over_database(
-    index: Index, query: np.ndarray, ids: np.ndarray, exclude: frozenset[int] = frozenset()
+    index: Index, query: np.ndarray, rows: np.ndarray, exclude: frozenset[int] = frozenset()
 ) -> np.ndarray:
-    """CLIP-style probabilities: softmax of 100 x cosine over the database (less `exclude`), at `ids`."""
+    """CLIP-style probabilities: softmax of 100 x cosine over the database (less the `exclude` rows), at `rows`."""
     logits = SOFTMAX_TEMPERATURE * (index.embeddings @ query)
     logits[list(exclude)] = -np.inf
     logits -= logits.max()
     probabilities = np.exp(logits)
     probabilities /= probabilities.sum()
-    return probabilities[ids]
+    return probabilities[rows]
 
 
 def rank_hits(
@@ -130,15 +135,15 @@ def rank_hits(
     score: str = "cosine",
     exclude: frozenset[int] = frozenset(),
 ) -> list[Hit]:
-    """Top-k hits of one query embedding, scored by cosine or softmax, skipping `exclude` ids."""
+    """Top-k hits of one query embedding, scored by cosine or softmax, skipping the `exclude` rows."""
     if score not in SCORES:
         raise ValueError(f"unknown score {score!r}: choose one of {', '.join(SCORES)}")
-    ids, cosines = index.search(query[None, :], k + len(exclude), exact=exact, ef=ef)
-    keep = [j for j, i in enumerate(ids[0]) if int(i) not in exclude][:k]
-    ids, values = ids[0][keep], cosines[0][keep]
+    rows, cosines = index.search(query[None, :], k + len(exclude), exact=exact, ef=ef)
+    keep = [j for j, i in enumerate(rows[0]) if int(i) not in exclude][:k]
+    rows, values = rows[0][keep], cosines[0][keep]
     if score == "softmax":
-        values = softmax_over_database(index, query, ids, exclude)
-    return hits_from(index, ids, values)
+        values = softmax_over_database(index, query, rows, exclude)
+    return hits_from(index, rows, values)
 
 
 def ids_of_file(index: Index, image: str | Path) -> frozenset[int]:
@@ -147,4 +152,4 @@ def ids_of_file(index: Index, image: str | Path) -> frozenset[int]:
         relative = Path(image).resolve().relative_to(index.root).as_posix()
     except ValueError:
         return frozenset()
-    return frozenset(i for i, item in enumerate(index.items) if item.path == relative)
+    return frozenset(int(index.ids[i]) for i, item in enumerate(index.items) if item.path == relative)

@@ -115,6 +115,10 @@ class Retriever:
         encoder = encoder_for_index(index, backend, threads=threads, precision=precision, workload=workload, log=log)
         return cls(index, encoder)
 
+    def current(self) -> "Retriever":
+        """The search service to answer a request with: this one (a LiveRetriever's changes with the index)."""
+        return self
+
     @property
     def runtime(self) -> str:
         return describe_runtime(self.encoder) if self.encoder is not None else "none"
@@ -139,7 +143,7 @@ class Retriever:
     ) -> list[list[Hit]]:
         """Hits for each query row; `excludes[i]` are item ids treated as absent for query i."""
         queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
-        excludes = list(excludes) if excludes is not None else [frozenset()] * len(queries)
+        excludes = [self._rows(exclude) for exclude in excludes] if excludes is not None else [frozenset()] * len(queries)
         if options.rerank.active:
             ids, scores = rerank_search(self.prepared(options.rerank), queries, options.k, options.rerank, excludes)
             return [hits_from(self.index, row_ids, row_scores) for row_ids, row_scores in zip(ids, scores)]
@@ -164,10 +168,16 @@ class Retriever:
 
     def search_item(self, item_id: int, options: SearchOptions) -> list[Hit]:
         """An indexed item's stored embedding as the query; the item itself left out unless include_self."""
-        if not 0 <= item_id < len(self.index):
+        row = self.index.find_row(item_id)
+        if row is None:
             raise ValueError(f"no item {item_id} in the index ({len(self.index)} items)")
         exclude = frozenset() if options.include_self else frozenset({item_id})
-        return self.search_vector(np.asarray(self.index.embeddings[item_id]), options, exclude)
+        return self.search_vector(np.asarray(self.index.embeddings[row]), options, exclude)
+
+    def _rows(self, item_ids: frozenset[int]) -> frozenset[int]:
+        """The rows of live item ids (the engine's searches exclude rows); ids not live are absent anyway."""
+        rows = (self.index.find_row(item_id) for item_id in item_ids)
+        return frozenset(row for row in rows if row is not None)
 
     def ranker(self, options: SearchOptions, *, leave_one_out: bool = False) -> Callable[[np.ndarray, int], np.ndarray]:
         """The search of these options as engine.evaluation wants it: (queries, k) -> (Q, k) ids.

@@ -235,12 +235,12 @@ def test_verify_finds_a_flipped_byte_that_loading_does_not_read(wang1k_index, tm
     copy = tmp_path / "index"
     shutil.copytree(wang1k_index, copy)
     assert run(capsys, "verify", copy)[0] == 0
-    embeddings = Index.load(copy).version_dir / "embeddings.npy"
+    embeddings = Index.load(copy).version_dir / "seg-000000.npy"  # the embeddings of its one segment
     data = bytearray(embeddings.read_bytes())
     data[-5] ^= 0xFF
     embeddings.write_bytes(bytes(data))
     code, out, err = run(capsys, "verify", copy)
-    assert code == 1 and "embeddings.npy" in out and "rebuild it with `fastret index" in err
+    assert code == 1 and "seg-000000.npy" in out and "rebuild it with `fastret index" in err
 
 
 def test_hidden_files_are_left_out_unless_asked_for(tmp_path, capsys, bundled_onnx):

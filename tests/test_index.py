@@ -22,9 +22,8 @@ from fastret.engine.encoders import ModelInfo
 import fastret.engine.index as index_module
 from fastret.engine.index import (
     CURRENT,
-    EMBEDDINGS,
-    HNSW,
-    ITEMS,
+    DELETED,
+    GRAPH_DELETED,
     MANIFEST,
     BadIndex,
     HnswParams,
@@ -37,6 +36,9 @@ from fastret.engine.index import (
 )
 
 DIM = 16
+# The files of a freshly saved index: one segment and one graph.
+EMBEDDINGS, ITEMS, HNSW = "seg-000000.npy", "seg-000000.items.json", "graph-000000.bin"
+ALL_FILES = (EMBEDDINGS, ITEMS, HNSW, DELETED, GRAPH_DELETED)
 INFO = ModelInfo("test-model", "ab" * 32, DIM, Preprocessing(32, 32, "bilinear", (0.0,) * 3, (1.0,) * 3))
 
 
@@ -155,8 +157,8 @@ def saved(tmp_path) -> Path:
 
 
 def test_format_version_change_is_refused(saved):
-    rewrite_manifest(saved, lambda m: m.update(format_version=2))
-    with pytest.raises(BadIndex, match=r"format version 2 is not supported .*re-index"):
+    rewrite_manifest(saved, lambda m: m.update(format_version=3))
+    with pytest.raises(BadIndex, match=r"format version 3 is not supported .*re-index"):
         Index.load(saved)
 
 
@@ -188,7 +190,7 @@ def test_check_model_refuses_another_model(saved, other, shown):
 def test_truncated_embeddings_are_refused(saved):
     path = live_version(saved) / EMBEDDINGS
     path.write_bytes(path.read_bytes()[:-100])
-    with pytest.raises(BadIndex, match=r"damaged index, embeddings.npy has \d+ bytes, the manifest says"):
+    with pytest.raises(BadIndex, match=rf"damaged index, {EMBEDDINGS} has \d+ bytes, the manifest says"):
         Index.load(saved)
 
 
@@ -226,9 +228,9 @@ def test_the_default_load_hashes_nothing_but_a_failing_check_names_the_changed_f
     assert hashed == []
     items = live_version(saved) / ITEMS
     items.write_bytes(b"x" * items.stat().st_size)  # same size: only the JSON parse fails
-    with pytest.raises(BadIndex, match=r"damaged index, items.json checksum mismatch"):
+    with pytest.raises(BadIndex, match=rf"damaged index, {ITEMS} checksum mismatch"):
         Index.load(saved)
-    assert sorted(hashed) == sorted([EMBEDDINGS, ITEMS, HNSW])
+    assert sorted(hashed) == sorted(ALL_FILES)
 
 
 def test_loaded_embeddings_are_a_read_only_mapping_that_searches_like_the_original(saved):
@@ -369,11 +371,11 @@ def change_listed(name, **change):
     [
         (set_files(None), "files is NoneType, not a table of files"),
         (set_files([EMBEDDINGS, ITEMS, HNSW]), "files is list, not a table of files"),
-        (set_files({}), "files does not list embeddings.npy, items.json, hnsw.bin"),  # no silent skip
-        (lambda manifest: manifest["files"].pop(HNSW), "files does not list hnsw.bin"),
-        (lambda manifest: manifest["files"].update({HNSW: "ok"}), "bad entry for 'hnsw.bin'"),
-        (change_listed(EMBEDDINGS, bytes="5760"), "bad entry for 'embeddings.npy'"),
-        (change_listed(ITEMS, sha256=None), "bad entry for 'items.json'"),
+        (set_files({}), f"files does not list {', '.join(ALL_FILES)}"),  # no silent skip
+        (lambda manifest: manifest["files"].pop(HNSW), f"files does not list {HNSW}"),
+        (lambda manifest: manifest["files"].update({HNSW: "ok"}), f"bad entry for '{HNSW}'"),
+        (change_listed(EMBEDDINGS, bytes="5760"), f"bad entry for '{EMBEDDINGS}'"),
+        (change_listed(ITEMS, sha256=None), f"bad entry for '{ITEMS}'"),
         (change_listed("../../x", bytes=1, sha256=""), r"bad entry for '\.\./\.\./x'"),
         (lambda manifest: manifest.update(count="60"), "count is '60', not a non-negative integer"),
         (lambda manifest: manifest.update(dim=-1), "dim is -1, not a non-negative integer"),

@@ -25,7 +25,7 @@ class ItemNotFound(Exception):
 
 def parse_item_id(index: Index, raw: str) -> int:
     """A decimal item id within the index, or ItemNotFound (never an arbitrary string)."""
-    if not (raw.isascii() and raw.isdigit()) or len(raw) > MAX_ID_DIGITS or int(raw) >= len(index):
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > MAX_ID_DIGITS or index.find_row(int(raw)) is None:
         shown = raw if len(raw) <= MAX_ID_DIGITS else raw[:MAX_ID_DIGITS] + "…"
         raise ItemNotFound(f"no item {shown!r} in the index ({len(index)} items)")
     return int(raw)
@@ -33,8 +33,11 @@ def parse_item_id(index: Index, raw: str) -> int:
 
 def item_file(index: Index, item_id: int) -> Path:
     """The real path of an indexed item, only if it is a regular image file inside the root."""
+    row = index.find_row(item_id)
+    if row is None:
+        raise ItemNotFound(f"no item {item_id} in the index")
     root = os.path.realpath(index.root)
-    real = os.path.realpath(os.path.join(root, index.items[item_id].path))
+    real = os.path.realpath(os.path.join(root, index.items[row].path))
     if os.path.commonpath([root, real]) != root:
         raise ItemNotFound(f"item {item_id} resolves outside the index root")
     path = Path(real)
