@@ -9,11 +9,19 @@ import time
 from pathlib import Path
 
 from fastret import __version__
-from fastret.cli import evaluate, serve
+from fastret.cli import edit, evaluate, serve
 from fastret.cli.options import add_runtime_options, add_search_options, int_in, search_options
 from fastret.engine.decode import ImageError, list_images
 from fastret.engine.encoders import describe_runtime
-from fastret.engine.index import BadIndex, HnswParams, Index, default_index_dir, index_writer_lock, verify_index
+from fastret.engine.index import (
+    BadIndex,
+    HnswParams,
+    Index,
+    default_index_dir,
+    index_writer_lock,
+    next_free_id,
+    verify_index,
+)
 from fastret.engine.pipeline import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS
 from fastret.engine.retrieval import SCORES, build_index, display_path
 from fastret.export.models import ModelNotFound
@@ -45,6 +53,9 @@ def cmd_index(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"{root}: not a directory")
     # The whole job holds the index's writer lock: a second writer waits (or, --no-wait, fails) before any work.
     with index_writer_lock(args.out, wait=not args.no_wait, on_wait=log):
+        existing = None if args.full else edit.existing_index(args.out, log)
+        if existing is not None:  # embed only what changed
+            return edit.index_incrementally(args, existing)
         encoder = open_encoder(
             args.model,
             args.backend,
@@ -63,10 +74,11 @@ def cmd_index(args: argparse.Namespace) -> int:
                 batch_size=args.batch_size,
                 workers=args.workers,
                 draft=not args.no_draft,
-                hnsw_params=HnswParams(M=args.hnsw_m, ef_construction=args.ef_construction, ef_search=args.ef_search),
+                hnsw_params=edit.hnsw_params(args, HnswParams()),
                 on_skip=lambda skip: bar.write(skip.line(), file=sys.stderr),
                 on_progress=bar.update,
                 include_hidden=args.include_hidden,
+                first_id=next_free_id(args.out),
             )
         if len(index) == 0:
             log(f"fastret: error: no image in {root} could be indexed ({len(result.skipped)} skipped)")
@@ -122,25 +134,38 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_index_options(parser: argparse.ArgumentParser) -> None:
+    """The options of `fastret index` after DIR and --out (`fastret watch` takes them too)."""
+    add_model_options(parser)
+    parser.add_argument("--batch-size", type=int_in(1, 4096), default=DEFAULT_BATCH_SIZE)
+    parser.add_argument("--workers", type=int_in(0, 256), default=DEFAULT_WORKERS, help="decoder threads (0: decode inline)")
+    parser.add_argument("--no-draft", action="store_true", help="decode JPEGs at full size (no DCT downscaling)")
+    parser.add_argument("--hnsw-m", type=int_in(2, 256), default=None, help=f"HNSW links per node (default: {HnswParams.M})")
+    parser.add_argument("--ef-construction", type=int_in(1), default=None,
+                        help=f"HNSW ef at build time (default: {HnswParams.ef_construction})")
+    parser.add_argument("--ef-search", type=int_in(1), default=None,
+                        help=f"default HNSW ef at query time (default: {HnswParams.ef_search})")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--include-hidden", action="store_true",
+                        help="also index hidden files and folders (names starting with '.', e.g. .thumbnails/)")
+    parser.add_argument("--no-wait", action="store_true", help="fail at once when another fastret writer is writing --out")
+    parser.add_argument("--full", action="store_true",
+                        help="embed every image again into a new index, even where --out holds an index of DIR")
+    parser.add_argument("--rehash", action="store_true",
+                        help="tell changed files by their contents (sha256), not by size and modification time")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastret", description="Fast image-to-image retrieval.")
     parser.add_argument("--version", action="version", version=f"fastret {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    index = commands.add_parser("index", help="embed every image under DIR into an index")
+    index = commands.add_parser(
+        "index", help="embed the images under DIR into an index (again: only new and changed files)"
+    )
     index.add_argument("dir", help="folder of images (sub-folder names become labels)")
     index.add_argument("--out", type=Path, default=default_index_dir(), help="index directory (default: %(default)s)")
-    add_model_options(index)
-    index.add_argument("--batch-size", type=int_in(1, 4096), default=DEFAULT_BATCH_SIZE)
-    index.add_argument("--workers", type=int_in(0, 256), default=DEFAULT_WORKERS, help="decoder threads (0: decode inline)")
-    index.add_argument("--no-draft", action="store_true", help="decode JPEGs at full size (no DCT downscaling)")
-    index.add_argument("--hnsw-m", type=int_in(2, 256), default=HnswParams.M, help="HNSW links per node")
-    index.add_argument("--ef-construction", type=int_in(1), default=HnswParams.ef_construction)
-    index.add_argument("--ef-search", type=int_in(1), default=HnswParams.ef_search, help="default HNSW ef at query time")
-    index.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    index.add_argument("--include-hidden", action="store_true",
-                       help="also index hidden files and folders (names starting with '.', e.g. .thumbnails/)")
-    index.add_argument("--no-wait", action="store_true", help="fail at once when another fastret index is writing --out")
+    add_index_options(index)
     index.set_defaults(run=cmd_index)
 
     verify = commands.add_parser("verify", help="check every file of an index against its checksums")
@@ -161,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Sub-commands that live in their own modules register below, one line each.
     evaluate.register(commands)
     serve.register(commands)
+    edit.register(commands)
     return parser
 
 

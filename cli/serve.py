@@ -11,6 +11,7 @@ from pathlib import Path
 from fastret.cli.options import add_runtime_options, int_in, positive_float
 from fastret.engine.decode import DEFAULT_SERVER_MAX_PIXELS
 from fastret.engine.index import default_index_dir
+from fastret.service.live import DEFAULT_POLL_S, LiveRetriever
 from fastret.web import DEFAULT_MAX_DECODES, DEFAULT_MAX_UPLOAD_BYTES
 from fastret.web.batcher import DEFAULT_MAX_BATCH
 
@@ -55,8 +56,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     sock = bind(args.host, args.port)
     retriever = Retriever.open(args.index, backend=args.backend, precision=args.precision, threads=args.threads, log=log)
+    live = None if args.no_follow else LiveRetriever(args.index, retriever, poll_s=args.poll, log=log)
     app = create_app(
-        retriever,
+        live or retriever,
         max_upload_bytes=int(args.max_upload_mb * 2**20),
         max_pixels=args.max_pixels,
         max_batch=args.max_batch,
@@ -64,9 +66,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     if not is_loopback(args.host):
         log(f"warning: serving on {args.host}: anyone who can reach it can search and view the indexed images")
+    following = f", following {args.index} every {args.poll:g} s" if live else ""
     log(f"serving {len(retriever.index)} images ({retriever.index.model.model_id} on {retriever.runtime}) "
-        f"at http://{args.host}:{args.port}/")
-    uvicorn.Server(uvicorn.Config(app, log_level=args.log_level)).run(sockets=[sock])
+        f"at http://{args.host}:{args.port}/{following}")
+    if live:
+        live.start()
+    try:
+        uvicorn.Server(uvicorn.Config(app, log_level=args.log_level)).run(sockets=[sock])
+    finally:
+        if live:
+            live.close()
     return 0
 
 
@@ -84,5 +93,9 @@ def register(commands: argparse._SubParsersAction) -> None:
                        help="uploads decoded at once; the others wait (default: %(default)s)")
     serve.add_argument("--max-batch", type=int_in(1, 1024), default=DEFAULT_MAX_BATCH,
                        help="most queries encoded together (default: %(default)s)")
+    serve.add_argument("--poll", type=positive_float, default=DEFAULT_POLL_S,
+                       help="seconds between checks for a new version of the index, which is loaded and swapped in "
+                       "without a restart (default: %(default)s)")
+    serve.add_argument("--no-follow", action="store_true", help="serve the version opened at start until stopped")
     serve.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"))
     serve.set_defaults(run=cmd_serve)

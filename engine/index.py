@@ -1249,6 +1249,17 @@ def live_version_name(index_dir: str | Path) -> str | None:
     return _current_name(Path(index_dir))
 
 
+def next_free_id(index_dir: str | Path) -> int:
+    """The first id an index written into this directory may use without reusing one its live
+    version gave out (0 when there is no readable index): ids stay unique across rebuilds."""
+    try:
+        manifest = read_manifest(live_version(index_dir))
+    except BadIndex:
+        return 0
+    found = manifest.get("next_id", manifest["count"])  # format 1: ids are the rows
+    return found if _is_count(found) else 0
+
+
 def _current_name(index_dir: Path) -> str | None:
     """The version name in CURRENT, or None when it cannot be read."""
     try:

@@ -33,10 +33,12 @@ def build_index(
     on_skip: Callable[[Skipped], None] | None = None,
     on_progress: Callable[[int], None] | None = None,
     include_hidden: bool = False,
+    first_id: int = 0,
 ) -> tuple[Index, EmbedResult]:
     """Embed every image under root and build the HNSW graph; bad files are skipped, not fatal.
 
-    Files the listing leaves out (see list_images) count among the result's skipped files.
+    Files the listing leaves out (see list_images) count among the result's skipped files. Items
+    get the ids first_id, first_id + 1, ... (a rebuild continues its predecessor's ids).
     """
     root = Path(root).resolve()
     unlisted: list[Skipped] = []
@@ -50,11 +52,12 @@ def build_index(
     )
     result.skipped[:0] = unlisted
     started = time.perf_counter()
+    ids = np.arange(first_id, first_id + len(added), dtype=np.int64)
     index = Index(
         encoder.info, str(root), added.items, added.embeddings, hnsw_params, encoder=encoder.recipe.to_dict(),
-        sources=added.sources, build={"draft": draft, "include_hidden": include_hidden},
+        ids=ids, sources=added.sources, build={"draft": draft, "include_hidden": include_hidden}, next_id=first_id + len(added),
     )
-    index.hnsw = build_hnsw(added.embeddings, hnsw_params)
+    index.hnsw = build_hnsw(added.embeddings, hnsw_params, ids)
     result.stage_seconds["hnsw_build"] = round(time.perf_counter() - started, 4)
     return index, result
 

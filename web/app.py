@@ -2,7 +2,9 @@
 
 Requests run concurrently: uploads are decoded in the threadpool (at most `max_decodes` at once),
 encoded by a MicroBatcher (one encoder call for the queries that arrive together), then searched
-in the threadpool by the Retriever, which gives every option the meaning it has in the CLI.
+in the threadpool by the Retriever, which gives every option the meaning it has in the CLI. Each
+request takes the service's `current()` Retriever once (a LiveRetriever swaps in new versions of
+the index), so it is answered by one version from start to end.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from fastret import __version__
 from fastret.engine.decode import DEFAULT_SERVER_MAX_PIXELS, ImageError
 from fastret.engine.index import FORMAT_VERSION
 from fastret.engine.retrieval import SCORES, Hit, display_path
+from fastret.service.live import LiveRetriever
 from fastret.service.search import MAX_K, Retriever, SearchOptions, combine_views, query_views, rerank_request
 from fastret.web import DEFAULT_MAX_DECODES, DEFAULT_MAX_UPLOAD_BYTES
 from fastret.web.batcher import DEFAULT_MAX_BATCH, MicroBatcher
@@ -94,6 +97,7 @@ class HealthOut(BaseModel):
     backend: str
     count: int
     index_format_version: int
+    index_version: str | None  # the version directory being served (it changes when the index is updated)
 
 
 class BodyTooLarge:
@@ -132,7 +136,7 @@ class BodyTooLarge:
 
 
 def create_app(
-    retriever: Retriever,
+    retriever: Retriever | LiveRetriever,
     *,
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     max_pixels: int = DEFAULT_SERVER_MAX_PIXELS,
@@ -140,11 +144,11 @@ def create_app(
     max_decodes: int = DEFAULT_MAX_DECODES,
 ) -> FastAPI:
     """The app over one search service, which must hold an encoder (uploads are embedded)."""
-    if retriever.encoder is None:
+    encoder = retriever.current().encoder
+    if encoder is None:
         raise ValueError("the web app embeds uploads: open the search service with its encoder")
     if max_decodes < 1:
         raise ValueError(f"max_decodes must be >= 1, got {max_decodes}")
-    index, encoder = retriever.index, retriever.encoder
     batcher = MicroBatcher(encoder, max_batch)
     decode_slots = asyncio.Semaphore(max_decodes)  # bounds the memory of uploads decoded at once
 
@@ -169,15 +173,15 @@ def create_app(
         response.headers.update(SECURITY_HEADERS)
         return response
 
-    async def ranked(search: Callable[[], list[Hit]], name: str, options: SearchOptions, stamps: list[float],
-                     batch_size: int) -> SearchOut:
+    async def ranked(live: Retriever, search: Callable[[], list[Hit]], name: str, options: SearchOptions,
+                     stamps: list[float], batch_size: int) -> SearchOut:
         """Run the search in the threadpool; stamps are perf_counter() at start, decoded and encoded."""
         hits = await run_in_threadpool(search)
         started, decoded, encoded, finished = *stamps, time.perf_counter()
         described = options.to_dict()
         return SearchOut(
             query=name,
-            model=index.model.model_id,
+            model=live.index.model.model_id,
             backend=encoder.backend,
             **{key: described[key] for key in ("k", "exact", "ef", "score", "rerank", "flip_tta", "include_self", "search")},
             results=[HitOut(**hit.to_dict()) for hit in hits],
@@ -190,30 +194,44 @@ def create_app(
             ),
         )
 
-    def decode_upload(data: bytes, filename: str) -> np.ndarray:
+    def decode_upload(live: Retriever, data: bytes, filename: str) -> np.ndarray:
         if not data:
             raise HTTPException(400, f"{filename}: empty upload (0 bytes)")
         if len(data) > max_upload_bytes:
             raise HTTPException(413, f"{filename}: {len(data):,} bytes exceeds the {max_upload_bytes:,}-byte limit")
         try:
-            return retriever.decode(io.BytesIO(data), max_pixels=max_pixels)
+            return live.decode(io.BytesIO(data), max_pixels=max_pixels)
         except ImageError as exc:
             raise HTTPException(400, f"{filename}: {exc}") from None
         except Exception as exc:  # a hostile file must not reach a 500: Pillow plugins raise odd types
             raise HTTPException(400, f"{filename}: cannot decode: {type(exc).__name__}: {exc}") from None
 
-    def find_item(raw_id: str) -> int:
+    def find_item(live: Retriever, raw_id: str) -> int:
         try:
-            return parse_item_id(index, raw_id)
+            return parse_item_id(live.index, raw_id)
+        except ItemNotFound as exc:
+            raise HTTPException(404, str(exc)) from None
+
+    def served_file(live: Retriever, item_id: int) -> Path:
+        try:
+            return item_file(live.index, item_id)
         except ItemNotFound as exc:
             raise HTTPException(404, str(exc)) from None
 
     @lru_cache(maxsize=THUMBNAIL_CACHE_ITEMS)
-    def cached_thumbnail(item_id: int) -> bytes:
+    def cached_thumbnail(path: Path, mtime_ns: int, size: int) -> bytes:
+        """Keyed by the file as it is now: an edited file gets a new thumbnail."""
+        return thumbnail_jpeg(path)
+
+    def thumbnail_of(live: Retriever, item_id: int) -> bytes:
+        path = served_file(live, item_id)
         try:
-            return thumbnail_jpeg(item_file(index, item_id))
-        except (ItemNotFound, ImageError) as exc:
+            info = path.stat()
+            return cached_thumbnail(path, info.st_mtime_ns, info.st_size)
+        except ImageError as exc:
             raise HTTPException(404, f"item {item_id}: {exc}") from None
+        except OSError as exc:
+            raise HTTPException(404, f"item {item_id}: {exc.strerror}") from None
 
     def search_options(
         k: int = Query(10, ge=1, le=MAX_K, description="number of results"),
@@ -247,16 +265,17 @@ def create_app(
         options: SearchOptions = Depends(search_options),
     ) -> SearchOut:
         stamps = [time.perf_counter()]
+        live = retriever.current()
         data = await image.read(max_upload_bytes + 1)
         name = display_path(image.filename or "upload")
         async with decode_slots:
-            pixels = await run_in_threadpool(decode_upload, data, name)
+            pixels = await run_in_threadpool(decode_upload, live, data, name)
         stamps.append(time.perf_counter())
         views = [await asyncio.wrap_future(batcher.submit(view[0])) for view in query_views(pixels[None], options.flip_tta)]
         embedding = combine_views([view.embedding[None] for view in views])[0]
         stamps.append(time.perf_counter())
-        search = partial(retriever.search_vector, embedding, options)
-        return await ranked(search, f"upload:{name}", options, stamps, views[0].batch_size)
+        search = partial(live.search_vector, embedding, options)
+        return await ranked(live, search, f"upload:{name}", options, stamps, views[0].batch_size)
 
     @app.post(
         "/search/item/{item_id}",
@@ -266,27 +285,27 @@ def create_app(
     )
     async def search_item(item_id: str, options: SearchOptions = Depends(search_options)) -> SearchOut:
         started = time.perf_counter()
-        found = find_item(item_id)
-        return await ranked(partial(retriever.search_item, found, options), f"item:{found}", options, [started] * 3, 0)
+        live = retriever.current()
+        found = find_item(live, item_id)
+        return await ranked(live, partial(live.search_item, found, options), f"item:{found}", options, [started] * 3, 0)
 
     @app.get("/items/{item_id}/thumbnail", summary="JPEG thumbnail (at most 256 px) of an indexed item",
              response_class=Response, responses={200: {"content": {"image/jpeg": {}}}, 404: ERRORS[404]})
     async def thumbnail(item_id: str) -> Response:
-        jpeg = await run_in_threadpool(cached_thumbnail, find_item(item_id))
+        live = retriever.current()
+        jpeg = await run_in_threadpool(thumbnail_of, live, find_item(live, item_id))
         return Response(jpeg, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=60"})
 
     @app.get("/items/{item_id}/image", summary="The original file of an indexed item",
              response_class=FileResponse, responses={404: ERRORS[404]})
     async def original(item_id: str) -> FileResponse:
-        found = find_item(item_id)
-        try:
-            path = item_file(index, found)
-        except ItemNotFound as exc:
-            raise HTTPException(404, str(exc)) from None
+        live = retriever.current()
+        path = served_file(live, find_item(live, item_id))
         return FileResponse(path, headers={"Cache-Control": "private, max-age=60"})
 
     @app.get("/health", response_model=HealthOut, summary="Model, item count and index format")
     async def health() -> HealthOut:
+        index = retriever.current().index
         return HealthOut(
             status="ok",
             version=__version__,
@@ -295,6 +314,7 @@ def create_app(
             backend=encoder.backend,
             count=len(index),
             index_format_version=FORMAT_VERSION,
+            index_version=index.version_dir.name if index.version_dir is not None else None,
         )
 
     @app.get("/", include_in_schema=False)
