@@ -6,7 +6,8 @@ Layout of an index directory::
     INDEX/.lock                     flock(2) held by the one writer at a time
     INDEX/v-<stamp>/manifest.json   what the version holds, and every file's size and sha256
     INDEX/v-<stamp>/seg-NNNNNN.npy          a segment's embeddings, one float32 row per stored item
-    INDEX/v-<stamp>/seg-NNNNNN.items.json   its items: ids, paths, labels, file sizes, mtimes, sha256
+    INDEX/v-<stamp>/seg-NNNNNN.items.json   its items' paths and labels
+    INDEX/v-<stamp>/seg-NNNNNN.files.npy    their ids, and their files' sizes, mtimes and sha256
     INDEX/v-<stamp>/deleted.npy             ids removed since their segment was written
     INDEX/v-<stamp>/graph-NNNNNN.bin        the HNSW graph; its labels are item ids
     INDEX/v-<stamp>/graph-deleted.npy       ids removed since the graph was written (marked on load)
@@ -34,6 +35,7 @@ rows) are read as they are, and converted by the first incremental write.
 from __future__ import annotations
 
 import fcntl
+import itertools
 import json
 import math
 import os
@@ -116,37 +118,38 @@ class Item:
 
 @dataclass(frozen=True)
 class Sources:
-    """What each item's file was when it was embedded: size, mtime_ns and sha256 (-1 / None: unknown),
+    """What each item's file was when it was embedded: size, mtime_ns and sha256 (-1 / zeros: unknown),
     so a later run can tell changed files from unchanged ones without decoding them."""
 
-    sizes: np.ndarray  # int64
-    mtimes_ns: np.ndarray  # int64
-    sha256: tuple[str | None, ...]
+    sizes: np.ndarray  # (N,) int64
+    mtimes_ns: np.ndarray  # (N,) int64
+    sha256: np.ndarray  # (N, 32) uint8 digests
 
     def __post_init__(self) -> None:
-        if not len(self.sizes) == len(self.mtimes_ns) == len(self.sha256):
-            raise ValueError("sources: sizes, mtimes and hashes differ in length")
+        if not len(self.sizes) == len(self.mtimes_ns) == len(self.sha256) or self.sha256.shape[1:] != (32,):
+            raise ValueError("sources: sizes, mtimes and sha256 digests differ in length")
 
     def __len__(self) -> int:
         return len(self.sizes)
 
     @classmethod
     def unknown(cls, count: int) -> "Sources":
-        return cls(np.full(count, -1, np.int64), np.full(count, -1, np.int64), (None,) * count)
+        return cls(np.full(count, -1, np.int64), np.full(count, -1, np.int64), np.zeros((count, 32), np.uint8))
 
     @classmethod
     def concat(cls, parts: Sequence["Sources"]) -> "Sources":
         if not parts:
             return cls.unknown(0)
-        return cls(
-            np.concatenate([part.sizes for part in parts]).astype(np.int64),
-            np.concatenate([part.mtimes_ns for part in parts]).astype(np.int64),
-            tuple(digest for part in parts for digest in part.sha256),
-        )
+        return cls(*(np.concatenate([getattr(part, name) for part in parts]) for name in ("sizes", "mtimes_ns", "sha256")))
 
     def take(self, rows: np.ndarray) -> "Sources":
         rows = np.asarray(rows, dtype=np.int64)
-        return Sources(self.sizes[rows], self.mtimes_ns[rows], tuple(self.sha256[r] for r in rows))
+        return Sources(self.sizes[rows], self.mtimes_ns[rows], self.sha256[rows])
+
+    def digest(self, row: int) -> bytes | None:
+        """The sha256 recorded for a row, None when unknown."""
+        digest = self.sha256[row].tobytes()
+        return None if digest == bytes(32) else digest
 
 
 @dataclass(frozen=True)
@@ -281,7 +284,8 @@ class Index:
     def _write_all(self, staging: Path) -> tuple[dict, dict[str, dict]]:
         graph = self._complete_graph()
         segment = Segment.named(0, len(self))
-        _write_segment(staging, segment, self.ids, self.items, self.embeddings, self.sources or Sources.unknown(len(self)))
+        paths, labels = [item.path for item in self.items], [item.label for item in self.items]
+        _write_segment(staging, segment, self.ids, paths, labels, self.embeddings, self.sources or Sources.unknown(len(self)))
         graph_file = GraphFile(_name("graph", 0) + ".bin", len(self), 0, self.next_id)
         graph.save_index(str(staging / graph_file.file))
         layout = Layout((segment,), _no_ids(), graph_file, _no_ids(), self.next_id, 1)
@@ -368,13 +372,18 @@ class Segment:
     """Stored items and their embeddings, written once: `rows` includes removed items."""
 
     embeddings_file: str
-    items_file: str
+    items_file: str  # paths and labels (format 1: a list of {path, label})
+    files_file: str | None  # ids and file records (format 1: none, ids are rows)
     rows: int
 
     @classmethod
     def named(cls, number: int, rows: int) -> "Segment":
         name = _name("seg", number)
-        return cls(f"{name}.npy", f"{name}.items.json", rows)
+        return cls(f"{name}.npy", f"{name}.items.json", f"{name}.files.npy", rows)
+
+
+FILE_TABLE = np.dtype([("id", "<i8"), ("size", "<i8"), ("mtime_ns", "<i8"), ("sha256", "u1", (32,))])
+"""A segment's .files.npy: each stored item's id and its file's size, mtime_ns and sha256."""
 
 
 @dataclass(frozen=True)
@@ -440,7 +449,7 @@ def _layout(version: Path, manifest: dict) -> Layout:
     path = version / MANIFEST
     count = manifest["count"]
     if manifest["format_version"] == 1:
-        segment = Segment(EMBEDDINGS, ITEMS, count)
+        segment = Segment(EMBEDDINGS, ITEMS, None, count)
         return Layout((segment,), _no_ids(), GraphFile(HNSW, count, 0, count), _no_ids(), count, 0)
     try:
         segments = tuple(Segment(**entry) for entry in manifest["segments"])
@@ -461,7 +470,9 @@ def _layout_files(manifest: dict) -> list[str]:
     if manifest["format_version"] == 1:
         return [EMBEDDINGS, ITEMS, HNSW]
     try:
-        names = [name for entry in manifest["segments"] for name in (entry["embeddings_file"], entry["items_file"])]
+        names = [
+            name for entry in manifest["segments"] for name in (entry["embeddings_file"], entry["items_file"], entry["files_file"])
+        ]
         return [*names, manifest["graph"]["file"], DELETED, GRAPH_DELETED]
     except (KeyError, TypeError) as exc:
         raise BadIndex(f"damaged index, bad layout ({type(exc).__name__}: {exc}); {REINDEX}") from None
@@ -480,22 +491,20 @@ def _write_deletions(staging: Path, layout: Layout) -> None:
 
 
 def _write_segment(
-    staging: Path, segment: Segment, ids: np.ndarray, items: Sequence[Item], embeddings: np.ndarray, sources: Sources
+    staging: Path, segment: Segment, ids: np.ndarray, paths: list[str], labels: list[str], embeddings: np.ndarray,
+    sources: Sources,
 ) -> None:
     np.save(staging / segment.embeddings_file, np.asarray(embeddings, dtype=np.float32))
-    _write_items(staging, segment, ids, items, sources)
+    _write_items(staging, segment, ids, paths, labels, sources)
 
 
-def _write_items(staging: Path, segment: Segment, ids: np.ndarray, items: Sequence[Item], sources: Sources) -> None:
-    columns = {
-        "ids": [int(i) for i in ids],
-        "paths": [item.path for item in items],
-        "labels": [item.label for item in items],
-        "sizes": sources.sizes.tolist(),
-        "mtimes_ns": sources.mtimes_ns.tolist(),
-        "sha256": list(sources.sha256),
-    }
-    (staging / segment.items_file).write_text(json.dumps(columns))
+def _write_items(
+    staging: Path, segment: Segment, ids: np.ndarray, paths: list[str], labels: list[str], sources: Sources
+) -> None:
+    (staging / segment.items_file).write_text(json.dumps({"paths": paths, "labels": labels}))
+    table = np.empty(len(ids), FILE_TABLE)
+    table["id"], table["size"], table["mtime_ns"], table["sha256"] = ids, sources.sizes, sources.mtimes_ns, sources.sha256
+    np.save(staging / segment.files_file, table)
 
 
 @dataclass(frozen=True)
@@ -503,32 +512,33 @@ class SegmentItems:
     """A segment's stored items (removed ones included), in row order."""
 
     ids: np.ndarray
-    items: list[Item]
+    paths: list[str]
+    labels: list[str]
     sources: Sources
 
 
 def _read_segment_items(version: Path, segment: Segment) -> SegmentItems:
-    """A segment's item file: format 2's columns, or format 1's list of {path, label} (ids = rows)."""
+    """A segment's items: format 2's paths and labels plus its file table, or format 1's list of
+    {path, label} (ids = rows, files unknown)."""
     path = version / segment.items_file
     data = json.loads(path.read_text())
-    if isinstance(data, list):  # format 1
-        items = [Item(**entry) for entry in data]
-        return SegmentItems(np.arange(len(items), dtype=np.int64), items, Sources.unknown(len(items)))
-    columns = ("ids", "paths", "labels", "sizes", "mtimes_ns", "sha256")
-    if not isinstance(data, dict) or not all(isinstance(data.get(key), list) for key in columns):
-        raise BadIndex(f"{path}: damaged index, not a table of {', '.join(columns)}; {REINDEX}")
-    if len({len(data[key]) for key in columns}) != 1:
-        raise BadIndex(f"{path}: damaged index, its columns differ in length; {REINDEX}")
-    if not all(isinstance(text, str) for key in ("paths", "labels") for text in data[key]):
+    if segment.files_file is None:  # format 1
+        if not isinstance(data, list) or not all(isinstance(entry, dict) for entry in data):
+            raise BadIndex(f"{path}: damaged index, not a list of items; {REINDEX}")
+        paths, labels = [entry.get("path") for entry in data], [entry.get("label") for entry in data]
+        ids, sources = np.arange(len(data), dtype=np.int64), Sources.unknown(len(data))
+    else:
+        if not isinstance(data, dict) or not all(isinstance(data.get(key), list) for key in ("paths", "labels")):
+            raise BadIndex(f"{path}: damaged index, not a table of paths and labels; {REINDEX}")
+        paths, labels = data["paths"], data["labels"]
+        table = np.load(version / segment.files_file, allow_pickle=False)
+        if table.dtype != FILE_TABLE or table.shape != (len(paths),):
+            raise BadIndex(f"{version / segment.files_file}: damaged index, not a table of {len(paths)} file records; "
+                           f"{REINDEX}")
+        ids, sources = table["id"].copy(), Sources(table["size"].copy(), table["mtime_ns"].copy(), table["sha256"].copy())
+    if len(labels) != len(paths) or not set(map(type, paths)) | set(map(type, labels)) <= {str}:
         raise BadIndex(f"{path}: damaged index, an item whose path or label is not text; {REINDEX}")
-    if not all(digest is None or isinstance(digest, str) for digest in data["sha256"]):
-        raise BadIndex(f"{path}: damaged index, a sha256 that is not text; {REINDEX}")
-    items = [Item(path=p, label=label) for p, label in zip(data["paths"], data["labels"])]
-    try:
-        ids, sizes, mtimes = (np.array(data[key], dtype=np.int64) for key in ("ids", "sizes", "mtimes_ns"))
-    except (TypeError, ValueError, OverflowError):
-        raise BadIndex(f"{path}: damaged index, ids, sizes or mtimes that are not integers; {REINDEX}") from None
-    return SegmentItems(ids, items, Sources(sizes, mtimes, tuple(data["sha256"])))
+    return SegmentItems(ids, paths, labels, sources)
 
 
 # --- reading a version ------------------------------------------------------------------------
@@ -548,9 +558,10 @@ class IndexState:
     layout: Layout
     segment_items: list[SegmentItems]
     kept: list[np.ndarray]  # per segment: which stored rows are live
-    items: list[Item]  # live items, in id order
-    ids: np.ndarray
-    sources: Sources
+    ids: np.ndarray  # the live items, in id order: their ids,
+    paths: list[str]  # paths,
+    labels: list[str]  # labels
+    sources: Sources  # and files
 
     @classmethod
     def read(cls, index_dir: str | Path) -> "IndexState":
@@ -581,7 +592,7 @@ class IndexState:
         return self.manifest.get("build") or {}
 
     def __len__(self) -> int:
-        return len(self.items)
+        return len(self.ids)
 
     @property
     def runtime(self) -> dict | None:
@@ -657,10 +668,11 @@ def _read_state(index_dir: Path, version: Path, manifest: dict) -> IndexState:
         problems.append(f"{live} live items but the manifest says {manifest['count']}")
     if problems:
         raise BadIndex(f"{index_dir}: damaged index, {'; '.join(problems)}; {REINDEX}")
-    items = [item for part, mask in zip(parts, kept) for item, keep in zip(part.items, mask) if keep]
+    paths = [path for part, mask in zip(parts, kept) for path in itertools.compress(part.paths, mask.tolist())]
+    labels = [label for part, mask in zip(parts, kept) for label in itertools.compress(part.labels, mask.tolist())]
     ids = np.concatenate([part.ids[mask] for part, mask in zip(parts, kept)])
     sources = Sources.concat([part.sources.take(np.flatnonzero(mask)) for part, mask in zip(parts, kept)])
-    return IndexState(index_dir, version, manifest, layout, parts, kept, items, ids, sources)
+    return IndexState(index_dir, version, manifest, layout, parts, kept, ids, paths, labels, sources)
 
 
 def _read_index(index_dir: Path, version: Path, manifest: dict) -> Index:
@@ -691,7 +703,7 @@ def _read_index(index_dir: Path, version: Path, manifest: dict) -> Index:
     index = Index(
         model,
         manifest["root"],
-        state.items,
+        list(map(Item, state.paths, state.labels)),
         _live_rows(arrays, state.kept),
         params,
         created=manifest["created"],
@@ -893,10 +905,10 @@ class _UpdatePlan:
     def _compact(self, staging: Path) -> Layout:
         """One segment of the live rows and a fresh graph: nothing removed stays stored."""
         everything = list(range(len(self.base.layout.segments))) + [-1]
-        items, embeddings, sources = self._rows(everything, self.live_ids)
+        paths, labels, embeddings, sources = self._rows(everything, self.live_ids)
         segment = Segment.named(self.next_name, len(self.live_ids))
         self.next_name += 1
-        _write_segment(staging, segment, self.live_ids, items, embeddings, sources)
+        _write_segment(staging, segment, self.live_ids, paths, labels, embeddings, sources)
         graph = GraphFile(self._new_name("graph") + ".bin", len(self.live_ids), 0, self.next_id)
         build_hnsw(embeddings, self.base.hnsw_params, self.live_ids).save_index(str(staging / graph.file))
         return Layout((segment,), _no_ids(), graph, _no_ids(), self.next_id, self.next_name)
@@ -921,10 +933,10 @@ class _UpdatePlan:
             if plan.keep:
                 segments.append(self._keep(staging, known, plan.origins[0]))
                 continue
-            items, embeddings, sources = self._rows(plan.origins, plan.ids)
+            paths, labels, embeddings, sources = self._rows(plan.origins, plan.ids)
             segment = Segment.named(self.next_name, len(plan.ids))
             self.next_name += 1
-            _write_segment(staging, segment, plan.ids, items, embeddings, sources)
+            _write_segment(staging, segment, plan.ids, paths, labels, embeddings, sources)
             segments.append(segment)
         return tuple(segments), np.concatenate([plan.ids for plan in planned]) if planned else _no_ids()
 
@@ -933,7 +945,7 @@ class _UpdatePlan:
         base = self.base
         segment = base.layout.segments[number]
         if base.manifest["format_version"] != 1:
-            for name in (segment.embeddings_file, segment.items_file):
+            for name in (segment.embeddings_file, segment.items_file, segment.files_file):
                 _link(base.version / name, staging / name)
                 known[name] = base.manifest["files"][name]
             return segment
@@ -942,7 +954,7 @@ class _UpdatePlan:
         _link(base.version / segment.embeddings_file, staging / converted.embeddings_file)
         known[converted.embeddings_file] = base.manifest["files"][segment.embeddings_file]
         part = base.segment_items[number]
-        _write_items(staging, converted, part.ids, part.items, part.sources)
+        _write_items(staging, converted, part.ids, part.paths, part.labels, part.sources)
         return converted
 
     def _graph(self, staging: Path, known: dict[str, dict]) -> tuple[GraphFile, np.ndarray]:
@@ -957,7 +969,7 @@ class _UpdatePlan:
             return GraphFile(name, graph.slots, graph.marked, graph.id_bound), self.graph_deleted
         self.graph_action = "extended"
         everything = list(range(len(base.layout.segments))) + [-1]
-        _, vectors, _ = self._rows(everything, pending)
+        _, _, vectors, _ = self._rows(everything, pending)
         loaded = load_hnsw(base.version / graph.file, base.model.dim, graph.slots, base.hnsw_params,
                            allow_replace_deleted=True)
         for item_id in self.graph_deleted:
@@ -972,26 +984,28 @@ class _UpdatePlan:
         loaded.save_index(str(staging / extended.file))
         return extended, _no_ids()
 
-    def _rows(self, origins: list[int], ids: np.ndarray) -> tuple[list[Item], np.ndarray, Sources]:
-        """Items, embeddings and sources of `ids` (in id order), from base segments and the additions (-1)."""
-        items: list[Item] = []
+    def _rows(self, origins: list[int], ids: np.ndarray) -> tuple[list[str], list[str], np.ndarray, Sources]:
+        """Paths, labels, embeddings and sources of `ids` (in id order), from base segments and the additions (-1)."""
+        paths: list[str] = []
+        labels: list[str] = []
         vectors, sources = [], []
         for origin in origins:
             if origin < 0:
-                stored, part_items, part_vectors, part_sources = (
-                    self.added_ids, self.added.items, self.added.embeddings, self.added.sources
-                )
+                stored, part_vectors, part_sources = self.added_ids, self.added.embeddings, self.added.sources
+                part_paths = [item.path for item in self.added.items]
+                part_labels = [item.label for item in self.added.items]
             else:
                 part = self.base.segment_items[origin]
                 segment = self.base.layout.segments[origin]
-                stored, part_items, part_sources = part.ids, part.items, part.sources
+                stored, part_paths, part_labels, part_sources = part.ids, part.paths, part.labels, part.sources
                 part_vectors = np.load(self.base.version / segment.embeddings_file, mmap_mode="r", allow_pickle=False)
             rows = np.flatnonzero(np.isin(stored, ids))
-            items.extend(part_items[row] for row in rows)
+            paths.extend(part_paths[row] for row in rows)
+            labels.extend(part_labels[row] for row in rows)
             vectors.append(np.asarray(part_vectors[rows], dtype=np.float32))
             sources.append(part_sources.take(rows))
-        dim = self.base.model.dim
-        return items, np.concatenate(vectors) if vectors else np.empty((0, dim), np.float32), Sources.concat(sources)
+        vectors = np.concatenate(vectors) if vectors else np.empty((0, self.base.model.dim), np.float32)
+        return paths, labels, vectors, Sources.concat(sources)
 
 
 # --- the writer lock --------------------------------------------------------------------------

@@ -29,30 +29,30 @@ from fastret.engine.pipeline import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS, EmbedRe
 HASH_CHUNK = 1 << 20
 
 
-def file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> bytes:
+    """The sha256 digest of a file's bytes."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(HASH_CHUNK), b""):
             digest.update(chunk)
-    return digest.hexdigest()
+    return digest.digest()
 
 
 def read_sources(paths: Sequence[Path], *, workers: int = DEFAULT_WORKERS) -> Sources:
     """Size, mtime_ns and sha256 of each file, read before it is embedded: a file that changes
-    while it is embedded looks changed to the next run. Unreadable files get -1 / None."""
+    while it is embedded looks changed to the next run. Unreadable files get -1 and no digest."""
 
-    def one(path: Path) -> tuple[int, int, str | None]:
+    def one(path: Path) -> tuple[int, int, bytes]:
         try:
             info = os.stat(path)
             return info.st_size, info.st_mtime_ns, file_sha256(path)
         except OSError:
-            return -1, -1, None
+            return -1, -1, bytes(32)
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:  # hashlib releases the GIL
         records = list(pool.map(one, paths))
-    return Sources(
-        np.array([r[0] for r in records], np.int64), np.array([r[1] for r in records], np.int64), tuple(r[2] for r in records)
-    )
+    digests = np.frombuffer(b"".join(r[2] for r in records), np.uint8).reshape(len(records), 32)
+    return Sources(np.array([r[0] for r in records], np.int64), np.array([r[1] for r in records], np.int64), digests.copy())
 
 
 def embed_paths(
@@ -115,7 +115,7 @@ def find_changes(
     changes = Changes(root)
     listed = _listing(root, scope, include_hidden, changes.skipped)
     in_scope = _rows_in_scope(state, scope)
-    known = {state.items[row].path: row for row in in_scope}
+    known = {state.paths[row]: row for row in in_scope}
     seen: set[int] = set()
     for path in listed:
         row = known.get(path.relative_to(root).as_posix())
@@ -164,7 +164,7 @@ def _rows_in_scope(state: IndexState, scope: Sequence[str] | None) -> list[int]:
     if "" in targets:
         return list(range(len(state)))
     prefixes = tuple(target + "/" for target in targets)
-    return [row for row, item in enumerate(state.items) if item.path in targets or item.path.startswith(prefixes)]
+    return [row for row, path in enumerate(state.paths) if path in targets or path.startswith(prefixes)]
 
 
 def _under(path: str, target: str) -> bool:
@@ -182,7 +182,7 @@ def _is_unchanged(path: Path, sources: Sources, row: int, rehash: bool) -> bool:
     except OSError:
         return False
     if rehash:
-        recorded = sources.sha256[row]
+        recorded = sources.digest(row)
         try:
             return recorded is not None and file_sha256(path) == recorded
         except OSError:
@@ -328,6 +328,6 @@ def ids_under(state: IndexState, targets: Sequence[str]) -> tuple[list[int], lis
     """Ids of the items at these paths relative to root (a folder: every item under it), and the
     targets that matched none."""
     rows = _rows_in_scope(state, targets)
-    paths = [state.items[row].path for row in rows]
+    paths = [state.paths[row] for row in rows]
     unmatched = [target for target in targets if not any(_under(path, _posix(target)) for path in paths)]
     return [int(state.ids[row]) for row in rows], unmatched

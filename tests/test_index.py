@@ -37,8 +37,8 @@ from fastret.engine.index import (
 
 DIM = 16
 # The files of a freshly saved index: one segment and one graph.
-EMBEDDINGS, ITEMS, HNSW = "seg-000000.npy", "seg-000000.items.json", "graph-000000.bin"
-ALL_FILES = (EMBEDDINGS, ITEMS, HNSW, DELETED, GRAPH_DELETED)
+EMBEDDINGS, ITEMS, FILES, HNSW = "seg-000000.npy", "seg-000000.items.json", "seg-000000.files.npy", "graph-000000.bin"
+ALL_FILES = (EMBEDDINGS, ITEMS, FILES, HNSW, DELETED, GRAPH_DELETED)
 INFO = ModelInfo("test-model", "ab" * 32, DIM, Preprocessing(32, 32, "bilinear", (0.0,) * 3, (1.0,) * 3))
 
 
