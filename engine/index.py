@@ -591,16 +591,17 @@ class IndexState:
     def build(self) -> dict:
         return self.manifest.get("build") or {}
 
-    def __len__(self) -> int:
-        return len(self.ids)
-
     @property
     def runtime(self) -> dict | None:
         return self.manifest.get("runtime")
 
     @property
     def version_dir(self) -> Path:
+        """As Index.version_dir: what the service layer's encoder_for_index reads of either."""
         return self.version
+
+    def __len__(self) -> int:
+        return len(self.ids)
 
     def write(
         self,
@@ -633,7 +634,6 @@ class IndexState:
                 _remove(entry)
         return Written(version, plan.added_ids, removed_ids, len(self) - len(removed_ids) + len(added),
                        plan.compacted, plan.graph_action, plan.bytes_written)
-
 
 
 @dataclass(frozen=True)
@@ -897,19 +897,18 @@ class _UpdatePlan:
         self.bytes_written += len(json.dumps(manifest, indent=2))  # about the manifest's size, table aside
         return manifest, known
 
-    def _new_name(self, kind: str) -> str:
-        name = _name(kind, self.next_name)
+    def _number(self) -> int:
+        """The number of the next segment or graph file this version writes."""
         self.next_name += 1
-        return name
+        return self.next_name - 1
 
     def _compact(self, staging: Path) -> Layout:
         """One segment of the live rows and a fresh graph: nothing removed stays stored."""
         everything = list(range(len(self.base.layout.segments))) + [-1]
         paths, labels, embeddings, sources = self._rows(everything, self.live_ids)
-        segment = Segment.named(self.next_name, len(self.live_ids))
-        self.next_name += 1
+        segment = Segment.named(self._number(), len(self.live_ids))
         _write_segment(staging, segment, self.live_ids, paths, labels, embeddings, sources)
-        graph = GraphFile(self._new_name("graph") + ".bin", len(self.live_ids), 0, self.next_id)
+        graph = GraphFile(_name("graph", self._number()) + ".bin", len(self.live_ids), 0, self.next_id)
         build_hnsw(embeddings, self.base.hnsw_params, self.live_ids).save_index(str(staging / graph.file))
         return Layout((segment,), _no_ids(), graph, _no_ids(), self.next_id, self.next_name)
 
@@ -934,8 +933,7 @@ class _UpdatePlan:
                 segments.append(self._keep(staging, known, plan.origins[0]))
                 continue
             paths, labels, embeddings, sources = self._rows(plan.origins, plan.ids)
-            segment = Segment.named(self.next_name, len(plan.ids))
-            self.next_name += 1
+            segment = Segment.named(self._number(), len(plan.ids))
             _write_segment(staging, segment, plan.ids, paths, labels, embeddings, sources)
             segments.append(segment)
         return tuple(segments), np.concatenate([plan.ids for plan in planned]) if planned else _no_ids()
@@ -949,8 +947,7 @@ class _UpdatePlan:
                 _link(base.version / name, staging / name)
                 known[name] = base.manifest["files"][name]
             return segment
-        converted = Segment.named(self.next_name, segment.rows)
-        self.next_name += 1
+        converted = Segment.named(self._number(), segment.rows)
         _link(base.version / segment.embeddings_file, staging / converted.embeddings_file)
         known[converted.embeddings_file] = base.manifest["files"][segment.embeddings_file]
         part = base.segment_items[number]
@@ -963,7 +960,7 @@ class _UpdatePlan:
         pending = self.live_ids[self.live_ids >= graph.id_bound]
         if len(pending) <= GRAPH_PENDING_SHARE * len(self.live_ids):
             self.graph_action = "kept"
-            name = graph.file if base.manifest["format_version"] != 1 else self._new_name("graph") + ".bin"
+            name = graph.file if base.manifest["format_version"] != 1 else _name("graph", self._number()) + ".bin"
             _link(base.version / graph.file, staging / name)
             known[name] = base.manifest["files"][graph.file]
             return GraphFile(name, graph.slots, graph.marked, graph.id_bound), self.graph_deleted
@@ -980,7 +977,7 @@ class _UpdatePlan:
             loaded.resize_index(math.ceil(needed * GRAPH_GROWTH))
         loaded.add_items(vectors, pending, replace_deleted=True)
         slots = loaded.get_current_count()
-        extended = GraphFile(self._new_name("graph") + ".bin", slots, slots - len(self.live_ids), self.next_id)
+        extended = GraphFile(_name("graph", self._number()) + ".bin", slots, slots - len(self.live_ids), self.next_id)
         loaded.save_index(str(staging / extended.file))
         return extended, _no_ids()
 

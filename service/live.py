@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Callable
-
 from fastret.engine.index import BadIndex, Index, live_version_name
 from fastret.engine.log import Log, no_log
 from fastret.service.search import Retriever
@@ -36,20 +34,6 @@ class LiveRetriever:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._reload_lock = threading.Lock()
-
-    @classmethod
-    def open(
-        cls,
-        index_dir: str | Path,
-        *,
-        backend: str = "auto",
-        precision: str = "auto",
-        threads: int | None = None,
-        poll_s: float = DEFAULT_POLL_S,
-        log: Callable[[str], None] = no_log,
-    ) -> "LiveRetriever":
-        return cls(index_dir, Retriever.open(index_dir, backend=backend, precision=precision, threads=threads, log=log),
-                   poll_s=poll_s, log=log)
 
     def current(self) -> Retriever:
         """The Retriever of the version live at the last poll: take it once per request."""

@@ -328,6 +328,17 @@ CHILD = textwrap.dedent(
 )
 
 
+def kill_at_hook(argv: list[str], env: dict[str, str]) -> None:
+    """Run a child until it prints AT-HOOK, then SIGKILL it there."""
+    child = subprocess.Popen(argv, env={**os.environ, **env}, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "AT-HOOK"
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
+    assert child.returncode == -signal.SIGKILL
+
+
 @pytest.mark.parametrize("hook", ["np.save", "rename"])
 def test_sigkill_while_saving_leaves_the_previous_index(tmp_path, hook):
     index_dir = tmp_path / "idx"
@@ -335,18 +346,7 @@ def test_sigkill_while_saving_leaves_the_previous_index(tmp_path, hook):
     original.save(index_dir)
     queries = unit_rows(3, seed=4)
     expected_ids, _ = original.search(queries, 5)
-    child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(index_dir)],
-        env={**os.environ, "FASTRET_TEST_KILL_AT": hook},
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert child.stdout.readline().strip() == "AT-HOOK"
-    finally:
-        child.send_signal(signal.SIGKILL)
-        child.wait(timeout=30)
-    assert child.returncode == -signal.SIGKILL
+    kill_at_hook([sys.executable, "-c", CHILD, str(index_dir)], {"FASTRET_TEST_KILL_AT": hook})
     # The half-written version is on disk, but CURRENT still names the old one.
     assert len([p for p in index_dir.iterdir() if p.is_dir()]) == 2
     loaded = Index.load(index_dir)

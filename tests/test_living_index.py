@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_index import DIM, INFO, make_index, unit_rows
+from test_index import DIM, INFO, kill_at_hook, make_index, unit_rows
 
 import fastret.engine.index as index_module
 from fastret.engine.index import (
@@ -29,7 +28,6 @@ from fastret.engine.index import (
     Item,
     Sources,
     build_hnsw,
-    index_writer_lock,
     live_version,
     next_free_id,
     verify_index,
@@ -301,17 +299,8 @@ def test_sigkill_during_an_edit_leaves_the_previous_version_and_its_files_intact
     original = Index.load(saved)
     queries = unit_rows(3, seed=4)
     expected_ids, _ = original.search(queries, 5)
-    child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(saved), str(TESTS)],
-        env={**os.environ, "FASTRET_TEST_KILL_AT": hook, "FASTRET_TEST_COMPACT": str(int(compact))},
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert child.stdout.readline().strip() == "AT-HOOK"
-    finally:
-        child.send_signal(signal.SIGKILL)
-        child.wait(timeout=30)
+    kill_at_hook([sys.executable, "-c", CHILD, str(saved), str(TESTS)],
+                 {"FASTRET_TEST_KILL_AT": hook, "FASTRET_TEST_COMPACT": str(int(compact))})
     assert len(leftovers(saved)) == 2  # the live version and the killed writer's debris
     loaded = Index.load(saved)
     assert loaded.version_dir == original.version_dir

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fakes import COLOUR_SPEC, MeanColourEncoder
+from fakes import MeanColourEncoder
 from fastret.engine.decode import Preprocessing
 from fastret.engine.index import BadIndex, Index, IndexState, live_version
 from fastret.engine.retrieval import build_index
