@@ -26,6 +26,10 @@ from fastret.service.load import encoder_for_index
 MAX_K = 1000
 """Most results one query may ask for: bounds the work (and the response) of a single request."""
 
+PREPARED_DATABASES = 8
+"""Re-ranking spaces a Retriever keeps (least recently used dropped): each is a copy of the database,
+and `fastret serve` takes the options from its clients."""
+
 
 @dataclass(frozen=True)
 class SearchOptions:
@@ -180,12 +184,14 @@ class Retriever:
         return index_search(self.index, exact=options.exact, ef=options.ef)
 
     def prepared(self, rerank: RerankOptions) -> PreparedDatabase:
-        """The database in the re-ranking space of these options, prepared once per process."""
+        """The database in the re-ranking space of these options, kept for the next query that asks."""
         key = (rerank.pca_dim, rerank.pca_power, rerank.dba_n, rerank.dba_alpha)
         with self._prepare_lock:
-            if key not in self._prepared:
-                self._prepared[key] = prepare_database(self.index.embeddings, rerank)
-            return self._prepared[key]
+            prepared = self._prepared.pop(key, None) or prepare_database(self.index.embeddings, rerank)
+            self._prepared[key] = prepared  # the most recently used last
+            if len(self._prepared) > PREPARED_DATABASES:
+                del self._prepared[next(iter(self._prepared))]
+            return prepared
 
 
 def query_views(crops: np.ndarray, flip_tta: bool) -> list[np.ndarray]:

@@ -13,11 +13,12 @@ import time
 from contextlib import asynccontextmanager
 from functools import lru_cache, partial
 from pathlib import Path
-from typing import Callable, Literal
+from typing import BinaryIO, Callable, Literal
 
 import numpy as np
 from fastapi import Depends, FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
@@ -56,10 +57,21 @@ class Problem(BaseModel):
 
 
 ERRORS = {
-    400: {"model": Problem, "description": "the query or an option cannot be used"},
+    400: {
+        "model": Problem,
+        "description": "the request is well formed but cannot be used: a body that is no multipart form, an "
+        "upload that is no decodable image or has more pixels than the server's cap (`--max-pixels`), or "
+        "options that do not combine (softmax with re-ranking)",
+    },
     404: {"model": Problem, "description": "no such item"},
-    413: {"model": Problem, "description": "the upload is too large"},
+    413: {"model": Problem, "description": "the request body exceeds the upload limit (`--max-upload-mb`)"},
 }
+"""Statuses with a one-line `detail`; 422 (a parameter out of its schema) is FastAPI's list of errors."""
+
+
+def problems(*statuses: int) -> dict:
+    """The OpenAPI responses of an endpoint: these statuses, plus 413 (every request body is capped)."""
+    return {status: ERRORS[status] for status in sorted({*statuses, 413})}
 
 
 class Timing(BaseModel):
@@ -142,8 +154,9 @@ def create_app(
     """The app over one search service, which must hold an encoder (uploads are embedded)."""
     if retriever.encoder is None:
         raise ValueError("the web app embeds uploads: open the search service with its encoder")
-    if max_decodes < 1:
-        raise ValueError(f"max_decodes must be >= 1, got {max_decodes}")
+    for name, value in (("max_upload_bytes", max_upload_bytes), ("max_pixels", max_pixels), ("max_decodes", max_decodes)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
     index, encoder = retriever.index, retriever.encoder
     batcher = MicroBatcher(encoder, max_batch)
     decode_slots = asyncio.Semaphore(max_decodes)  # bounds the memory of uploads decoded at once
@@ -169,6 +182,13 @@ def create_app(
         response.headers.update(SECURITY_HEADERS)
         return response
 
+    @app.exception_handler(RequestValidationError)
+    async def validation_errors(_: Request, exc: RequestValidationError) -> JSONResponse:
+        """FastAPI's 422 less each error's `input` and `ctx`: never echo what was sent (an upload
+        sent as a text field would come back whole)."""
+        errors = [{key: error[key] for key in ("loc", "msg", "type")} for error in exc.errors()]
+        return JSONResponse({"detail": errors}, status_code=422)
+
     async def ranked(search: Callable[[], list[Hit]], name: str, options: SearchOptions, stamps: list[float],
                      batch_size: int) -> SearchOut:
         """Run the search in the threadpool; stamps are perf_counter() at start, decoded and encoded."""
@@ -190,13 +210,16 @@ def create_app(
             ),
         )
 
-    def decode_upload(data: bytes, filename: str) -> np.ndarray:
-        if not data:
+    def decode_upload(upload: BinaryIO, filename: str) -> np.ndarray:
+        """Decode straight from the spooled upload: only the decoder's memory, not a copy of the body."""
+        size = upload.seek(0, io.SEEK_END)
+        upload.seek(0)
+        if size == 0:
             raise HTTPException(400, f"{filename}: empty upload (0 bytes)")
-        if len(data) > max_upload_bytes:
-            raise HTTPException(413, f"{filename}: {len(data):,} bytes exceeds the {max_upload_bytes:,}-byte limit")
+        if size > max_upload_bytes:
+            raise HTTPException(413, f"{filename}: {size:,} bytes exceeds the {max_upload_bytes:,}-byte limit")
         try:
-            return retriever.decode(io.BytesIO(data), max_pixels=max_pixels)
+            return retriever.decode(upload, max_pixels=max_pixels)
         except ImageError as exc:
             raise HTTPException(400, f"{filename}: {exc}") from None
         except Exception as exc:  # a hostile file must not reach a 500: Pillow plugins raise odd types
@@ -240,17 +263,16 @@ def create_app(
         except ValueError as exc:
             raise HTTPException(400, str(exc)) from None
 
-    @app.post("/search", response_model=SearchOut, responses=ERRORS,
+    @app.post("/search", response_model=SearchOut, responses=problems(400),
               summary="Search with an uploaded image (multipart field `image`)")
     async def search_upload(
         image: UploadFile = File(..., description="query image (JPEG, PNG, WebP, GIF, TIFF, BMP)"),
         options: SearchOptions = Depends(search_options),
     ) -> SearchOut:
         stamps = [time.perf_counter()]
-        data = await image.read(max_upload_bytes + 1)
         name = display_path(image.filename or "upload")
         async with decode_slots:
-            pixels = await run_in_threadpool(decode_upload, data, name)
+            pixels = await run_in_threadpool(decode_upload, image.file, name)
         stamps.append(time.perf_counter())
         views = [await asyncio.wrap_future(batcher.submit(view[0])) for view in query_views(pixels[None], options.flip_tta)]
         embedding = combine_views([view.embedding[None] for view in views])[0]
@@ -261,7 +283,7 @@ def create_app(
     @app.post(
         "/search/item/{item_id}",
         response_model=SearchOut,
-        responses=ERRORS,
+        responses=problems(400, 404),
         summary="Search with an indexed item (its stored embedding); the item itself is left out unless include_self",
     )
     async def search_item(item_id: str, options: SearchOptions = Depends(search_options)) -> SearchOut:
@@ -270,13 +292,13 @@ def create_app(
         return await ranked(partial(retriever.search_item, found, options), f"item:{found}", options, [started] * 3, 0)
 
     @app.get("/items/{item_id}/thumbnail", summary="JPEG thumbnail (at most 256 px) of an indexed item",
-             response_class=Response, responses={200: {"content": {"image/jpeg": {}}}, 404: ERRORS[404]})
+             response_class=Response, responses={200: {"content": {"image/jpeg": {}}}, **problems(404)})
     async def thumbnail(item_id: str) -> Response:
         jpeg = await run_in_threadpool(cached_thumbnail, find_item(item_id))
         return Response(jpeg, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=60"})
 
     @app.get("/items/{item_id}/image", summary="The original file of an indexed item",
-             response_class=FileResponse, responses={404: ERRORS[404]})
+             response_class=FileResponse, responses={200: {"content": {"image/*": {}}}, **problems(404)})
     async def original(item_id: str) -> FileResponse:
         found = find_item(item_id)
         try:
@@ -285,7 +307,7 @@ def create_app(
             raise HTTPException(404, str(exc)) from None
         return FileResponse(path, headers={"Cache-Control": "private, max-age=60"})
 
-    @app.get("/health", response_model=HealthOut, summary="Model, item count and index format")
+    @app.get("/health", response_model=HealthOut, responses=problems(), summary="Model, item count and index format")
     async def health() -> HealthOut:
         return HealthOut(
             status="ok",
