@@ -568,6 +568,27 @@ def text_encoder_for_index(
     threads: int | None = None,
     log: Log = no_log,
 ) -> TextEncoder:
+    """The text tower of the index's model, opened read-only (see _text_encoder_for_index); a damaged
+    text tower (unreadable metadata, tokenizer or graph) is refused as TextUnavailable too."""
+    try:
+        return _text_encoder_for_index(index, backend, precision=precision, threads=threads, log=log)
+    except BackendUnavailable:
+        raise
+    except Exception as exc:  # json, tokenizers and onnxruntime raise their own kinds for damaged files
+        raise TextUnavailable(
+            f"the text tower of {index.model.model_id} cannot be opened ({type(exc).__name__}: {exc}); re-run "
+            "`fastret index` with the same model to export it again"
+        ) from None
+
+
+def _text_encoder_for_index(
+    index: Index,
+    backend: str,
+    *,
+    precision: str,
+    threads: int | None,
+    log: Log,
+) -> TextEncoder:
     """The text tower of the index's model, opened read-only from its export (never exports anything).
 
     Its runtime follows the image side's: the index's recipe when `backend` and `precision` are
