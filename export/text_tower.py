@@ -113,7 +113,12 @@ def _clip_tokenizer(directory: Path):
     """The checkpoint's own CLIPTokenizerFast; ModelNotFound in one line when it has none that loads."""
     from transformers import CLIPTokenizerFast
 
+    has_files = (directory / "tokenizer.json").is_file() or all(
+        (directory / name).is_file() for name in ("vocab.json", "merges.txt")
+    )
     try:
+        if not has_files:  # transformers 5 would build an empty tokenizer instead of failing
+            raise FileNotFoundError("no tokenizer files")
         return CLIPTokenizerFast.from_pretrained(directory)
     except Exception as exc:  # transformers raises OSError, ValueError, TypeError, ... for a missing tokenizer
         reason = (str(exc).strip().splitlines() or [""])[0]
