@@ -157,23 +157,9 @@ class TensorRTTextEncoder:
     precision: str = field(default="fp16", init=False)
 
     def __post_init__(self) -> None:
-        import tensorrt as trt
+        from fastret.engine.tensorrt_runtime import load_plan
 
-        from fastret.engine.tensorrt_runtime import trt_logger
-
-        self.runtime = trt.Runtime(trt_logger())
-        self.engine = self.runtime.deserialize_cuda_engine(Path(self.artefact).read_bytes())
-        if self.engine is None:
-            raise RuntimeError(f"{self.artefact}: TensorRT could not deserialize the plan (see its log above)")
-        self.context = self.engine.create_execution_context()
-        if self.context is None:
-            raise RuntimeError(f"{self.artefact}: TensorRT could not create an execution context (GPU memory?)")
-        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        if len(inputs) != 1 or len(outputs) != 1:
-            raise RuntimeError(f"{self.artefact}: expected one input and one output, found {inputs} and {outputs}")
-        self.input_name, self.output_name = inputs[0], outputs[0]
+        self.runtime, self.engine, self.context, self.input_name, self.output_name = load_plan(self.artefact)
         self.id_dtype = _numpy_dtype(self.engine.get_tensor_dtype(self.input_name))
         if self.id_dtype not in (np.int64, np.int32) or _numpy_dtype(self.engine.get_tensor_dtype(self.output_name)) is not np.float32:
             raise RuntimeError(f"{self.artefact}: expected integer token ids in and float32 out")

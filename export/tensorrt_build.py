@@ -282,20 +282,29 @@ def build_plan_for_export(
         export_dir, PLAN_FILE, plan_bytes, lambda path: TensorRTEncoder(path, info).encode(pixels),
         onnx_embed(export_dir / FP32_ONNX, pixels), source, "images", log,
     )
+    _record_plan(export_dir, PLAN_FILE, PLAN_KIND, target, fp16_onnx, workspace_gib, cache, build_seconds, parity,
+                 batch_profile=profile.to_dict())
+    return export_dir / PLAN_FILE
+
+
+def _record_plan(
+    export_dir: Path, name: str, kind: str, target: PlanTarget, fp16_onnx: Path, workspace_gib: float,
+    cache: Path, build_seconds: float, parity: Parity, **shapes,
+) -> None:
+    """metadata.json's record of a plan: what it is tied to, how it was built, its parity."""
     add_artefact(
         export_dir,
-        PLAN_FILE,
-        PLAN_KIND,
+        name,
+        kind,
         **target.to_dict(),
         precision=f"fp16, strongly typed from {fp16_onnx.name}",
         fp32_ops=FP32_OPS,
-        batch_profile=profile.to_dict(),
+        **shapes,
         workspace_gib=workspace_gib,
         timing_cache=str(cache),
         build_seconds=round(build_seconds, 1),
         parity_vs_onnx_fp32=parity.to_dict(),
     )
-    return export_dir / PLAN_FILE
 
 
 def _keep_checked_plan(
@@ -374,17 +383,6 @@ def build_text_plan_for_export(
         "prompts",
         log,
     )
-    add_artefact(
-        export_dir,
-        TEXT_PLAN_FILE,
-        TEXT_PLAN_KIND,
-        **target.to_dict(),
-        precision=f"fp16, strongly typed from {fp16_onnx.name}",
-        fp32_ops=FP32_OPS,
-        token_id_shapes={"min": shapes[0], "opt": shapes[1], "max": shapes[2]},
-        workspace_gib=workspace_gib,
-        timing_cache=str(cache),
-        build_seconds=round(build_seconds, 1),
-        parity_vs_onnx_fp32=parity.to_dict(),
-    )
+    _record_plan(export_dir, TEXT_PLAN_FILE, TEXT_PLAN_KIND, target, fp16_onnx, workspace_gib, cache, build_seconds,
+                 parity, token_id_shapes={"min": shapes[0], "opt": shapes[1], "max": shapes[2]})
     return export_dir / TEXT_PLAN_FILE
