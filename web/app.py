@@ -27,6 +27,7 @@ from fastret import __version__
 from fastret.engine.decode import DEFAULT_SERVER_MAX_PIXELS, ImageError
 from fastret.engine.index import FORMAT_VERSION
 from fastret.engine.retrieval import SCORES, Hit, display_path
+from fastret.service.load import BackendUnavailable
 from fastret.service.search import MAX_K, Retriever, SearchOptions, combine_views, query_views, rerank_request
 from fastret.web import DEFAULT_MAX_DECODES, DEFAULT_MAX_UPLOAD_BYTES
 from fastret.web.batcher import DEFAULT_MAX_BATCH, MicroBatcher
@@ -106,6 +107,19 @@ class HealthOut(BaseModel):
     backend: str
     count: int
     index_format_version: int
+    text_queries: bool = False  # POST /search/text works (a CLIP model with its text tower)
+    text_unavailable: str | None = None  # why it does not, in one line
+
+
+class TextQueryIn(BaseModel):
+    text: str  # what to find, e.g. "a red bus at night"; at most 1000 characters
+    negative: str | None = None  # words to subtract from the query, e.g. "people" (as `fastret search --not`)
+
+
+class TextSearchOut(SearchOut):
+    text: str
+    negative: str | None
+    notes: list[str]  # e.g. the words past the model's context length, which it did not read
 
 
 class BodyTooLarge:
@@ -291,6 +305,21 @@ def create_app(
         found = find_item(item_id)
         return await ranked(partial(retriever.search_item, found, options), f"item:{found}", options, [started] * 3, 0)
 
+    @app.post("/search/text", response_model=TextSearchOut, responses=ERRORS,
+              summary="Search with words (CLIP models): JSON body {text, negative}; options as query parameters")
+    async def search_text(query: TextQueryIn, options: SearchOptions = Depends(search_options)) -> TextSearchOut:
+        started = time.perf_counter()
+        try:
+            made = await run_in_threadpool(retriever.text_query, query.text, options, negative=query.negative)
+        except (ValueError, BackendUnavailable) as exc:  # empty / too long text, or no text tower
+            raise HTTPException(400, str(exc)) from None
+        encoded = time.perf_counter()
+        search = partial(retriever.search_vector, made.vector, options, made.exclude)
+        texts = 1 + (query.negative is not None)  # embedded together, in one call of the text tower
+        out = (await ranked(search, made.description, options, [started, started, encoded], texts)).model_dump()
+        out["backend"] = retriever.text_encoder().backend
+        return TextSearchOut(**out, text=query.text, negative=query.negative, notes=list(made.notes))
+
     @app.get("/items/{item_id}/thumbnail", summary="JPEG thumbnail (at most 256 px) of an indexed item",
              response_class=Response, responses={200: {"content": {"image/jpeg": {}}}, **problems(404)})
     async def thumbnail(item_id: str) -> Response:
@@ -309,6 +338,7 @@ def create_app(
 
     @app.get("/health", response_model=HealthOut, responses=problems(), summary="Model, item count and index format")
     async def health() -> HealthOut:
+        text_unavailable = await run_in_threadpool(retriever.text_unavailable)
         return HealthOut(
             status="ok",
             version=__version__,
@@ -317,6 +347,8 @@ def create_app(
             backend=encoder.backend,
             count=len(index),
             index_format_version=FORMAT_VERSION,
+            text_queries=text_unavailable is None,
+            text_unavailable=text_unavailable,
         )
 
     @app.get("/", include_in_schema=False)
