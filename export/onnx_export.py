@@ -59,6 +59,7 @@ class Parity:
     images: int
     source: str  # where the parity images came from
     mean_cosine: float = 1.0
+    unit: str = "images"  # what was embedded: images, or prompts for a text tower
 
     def to_dict(self) -> dict:
         return {
@@ -67,16 +68,17 @@ class Parity:
             "mean_cosine": self.mean_cosine,
             "images": self.images,
             "source": self.source,
+            "unit": self.unit,
         }
 
     def line(self, label: str) -> str:
         return (
             f"{label}: max abs diff {self.max_abs_diff:.2e}, min cosine {self.min_cosine:.6f}, "
-            f"mean {self.mean_cosine:.6f} over {self.images} images ({self.source})"
+            f"mean {self.mean_cosine:.6f} over {self.images} {self.unit} ({self.source})"
         )
 
 
-def compare_embeddings(reference: np.ndarray, candidate: np.ndarray, source: str) -> Parity:
+def compare_embeddings(reference: np.ndarray, candidate: np.ndarray, source: str, unit: str = "images") -> Parity:
     """Max absolute difference and minimum row cosine between two (N, D) embedding sets."""
     ref = reference.astype(np.float64)
     cand = candidate.astype(np.float64)
@@ -89,6 +91,7 @@ def compare_embeddings(reference: np.ndarray, candidate: np.ndarray, source: str
         images=len(ref),
         source=source,
         mean_cosine=float(cosines.mean()),
+        unit=unit,
     )
 
 
@@ -148,25 +151,33 @@ def torch_embed(model: torch.nn.Module, pixels: np.ndarray, batch_size: int = 16
 def _export_graph(model: torch.nn.Module, spec: Preprocessing, path: Path, opset: int) -> None:
     import torch
 
-    example = torch.zeros((2, spec.size, spec.size, 3), dtype=torch.uint8)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the tracer's notes on constant folding are not actionable
-        _onnx_export(model, example, path, opset)
+    trace_to_onnx(model, torch.zeros((2, spec.size, spec.size, 3), dtype=torch.uint8), path, opset)
 
 
-def _onnx_export(model: torch.nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
+def trace_to_onnx(
+    model: torch.nn.Module,
+    example: torch.Tensor,
+    path: Path,
+    opset: int,
+    input_name: str = INPUT_NAME,
+    input_axes: dict[int, str] | None = None,
+) -> None:
+    """TorchScript-traced ONNX export: one input (`input_axes`: its dynamic axes, the batch by
+    default), one (batch, D) output."""
     import torch
 
-    torch.onnx.export(
-        model,
-        (example,),
-        str(path),
-        input_names=[INPUT_NAME],
-        output_names=[OUTPUT_NAME],
-        dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-        opset_version=opset,
-        dynamo=False,
-    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's notes on constant folding are not actionable
+        torch.onnx.export(
+            model,
+            (example,),
+            str(path),
+            input_names=[input_name],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={input_name: input_axes or {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            opset_version=opset,
+            dynamo=False,
+        )
 
 
 def _torch_version() -> str:
@@ -175,14 +186,15 @@ def _torch_version() -> str:
     return torch.__version__
 
 
-def onnx_embed(path: Path, pixels: np.ndarray, batch_size: int = 16) -> np.ndarray:
-    """Embeddings from an ONNX file on the CPU provider, for parity checks."""
+def onnx_embed(path: Path, inputs: np.ndarray, batch_size: int = 16) -> np.ndarray:
+    """Embeddings from an ONNX file (pixels, or token ids for a text tower) on the CPU provider, for parity checks."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
     parts = [
-        session.run([OUTPUT_NAME], {INPUT_NAME: pixels[i : i + batch_size]})[0]
-        for i in range(0, len(pixels), batch_size)
+        session.run([OUTPUT_NAME], {name: inputs[i : i + batch_size]})[0]
+        for i in range(0, len(inputs), batch_size)
     ]
     return np.concatenate(parts).astype(np.float32)
 
@@ -196,6 +208,15 @@ def read_metadata(export_dir: Path) -> dict:
     if not path.is_file():
         raise ExportError(f"{export_dir}: no {METADATA_FILE}; not a fastret export")
     return json.loads(path.read_text())
+
+
+def require_parity(parity: Parity, what: str) -> None:
+    """ExportError unless an fp32 ONNX graph matches PyTorch within the export tolerance."""
+    if parity.min_cosine < PARITY_MIN_COSINE or parity.max_abs_diff > PARITY_MAX_ABS:
+        raise ExportError(
+            f"{what} is outside tolerance: min cosine {parity.min_cosine:.6f} (need >= {PARITY_MIN_COSINE}), "
+            f"max abs diff {parity.max_abs_diff:.2e} (need <= {PARITY_MAX_ABS:.0e})"
+        )
 
 
 def export_onnx(
@@ -222,12 +243,7 @@ def export_onnx(
         _export_graph(exportable(model), source.preprocessing, staging / FP32_ONNX, opset)
         parity = compare_embeddings(reference, onnx_embed(staging / FP32_ONNX, pixels), pixel_source)
         log(parity.line("ONNX fp32 vs PyTorch"))
-        if parity.min_cosine < PARITY_MIN_COSINE or parity.max_abs_diff > PARITY_MAX_ABS:
-            raise ExportError(
-                f"ONNX export of {source.model_id} is outside tolerance: min cosine "
-                f"{parity.min_cosine:.6f} (need >= {PARITY_MIN_COSINE}), max abs diff "
-                f"{parity.max_abs_diff:.2e} (need <= {PARITY_MAX_ABS:.0e})"
-            )
+        require_parity(parity, f"ONNX export of {source.model_id}")
         metadata = {
             "format": 1,
             "model_id": source.model_id,
@@ -295,16 +311,34 @@ def find_artefact(export_dir: Path, kind: str) -> tuple[Path, dict] | None:
     return None
 
 
-def fp32_sha256(export_dir: Path) -> str:
-    """sha256 of the export's fp32 ONNX: recorded at export, hashed here for exports made before that."""
-    recorded = read_metadata(export_dir)["artefacts"][FP32_ONNX].get("sha256")
-    return recorded or sha256_files([export_dir / FP32_ONNX])
+def fp32_sha256(export_dir: Path, name: str = FP32_ONNX) -> str:
+    """sha256 of one of the export's fp32 ONNX graphs (`name`: the image tower's by default):
+    recorded at export, hashed here for exports made before that."""
+    recorded = read_metadata(export_dir)["artefacts"][name].get("sha256")
+    return recorded or sha256_files([export_dir / name])
 
 
 def addressed_name(stem: str, inputs: dict, suffix: str = "") -> str:
     """`stem.DIGEST` + suffix: a derived artefact's name, DIGEST a hash of everything it is made from."""
     digest = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
     return f"{stem}.{digest}{suffix}"
+
+
+@dataclass(frozen=True)
+class Tower:
+    """One tower of an export, as derive_onnx needs it: its fp32 graph and the inputs its parity
+    checks embed (`parity_inputs(export_dir, image_dir)` -> (inputs, where they came from))."""
+
+    fp32: str
+    parity_inputs: Callable[[Path, Path | None], tuple[np.ndarray, str]]
+    unit: str
+
+
+def _image_parity_pixels(export_dir: Path, image_dir: Path | None) -> tuple[np.ndarray, str]:
+    return parity_pixels(Preprocessing.from_dict(read_metadata(export_dir)["preprocessing"]), image_dir)
+
+
+IMAGE_TOWER = Tower(FP32_ONNX, _image_parity_pixels, "images")
 
 
 def recorded_parity(record: dict) -> Parity:
@@ -323,27 +357,29 @@ def derive_onnx(
     settings: dict,
     image_dir: Path | None = None,
     log: Log = no_log,
+    tower: Tower = IMAGE_TOWER,
 ) -> tuple[Path, Parity]:
-    """A variant of model.onnx (fp16, int8), kept only if its parity against fp32 holds.
+    """A variant of a tower's fp32 ONNX (fp16, int8), kept only if its parity against fp32 holds.
 
     Its name carries a digest of the fp32 graph and the conversion `settings`: when that file is
     already recorded it is returned as it is. Otherwise the variant is converted into a staging file
     and renamed into place after the check, so a failed or interrupted conversion never leaves a
     file that later runs would pick up.
     """
-    name = addressed_name(stem, {"kind": kind, "from": fp32_sha256(export_dir), **settings}, ".onnx")
+    name = addressed_name(stem, {"kind": kind, "from": fp32_sha256(export_dir, tower.fp32), **settings}, ".onnx")
     target = export_dir / name
     record = read_metadata(export_dir).get("artefacts", {}).get(name)
     if record is not None and target.is_file():
         return target, recorded_parity(record)
-    spec = Preprocessing.from_dict(read_metadata(export_dir)["preprocessing"])
     fd, staging_name = tempfile.mkstemp(dir=export_dir, prefix=f".{name}.", suffix=".tmp")
     os.close(fd)
     staging = Path(staging_name)
     try:
-        convert(export_dir / FP32_ONNX, staging)
-        pixels, source = parity_pixels(spec, image_dir)
-        parity = compare_embeddings(onnx_embed(export_dir / FP32_ONNX, pixels), onnx_embed(staging, pixels), source)
+        convert(export_dir / tower.fp32, staging)
+        inputs, source = tower.parity_inputs(export_dir, image_dir)
+        parity = compare_embeddings(
+            onnx_embed(export_dir / tower.fp32, inputs), onnx_embed(staging, inputs), source, tower.unit
+        )
         log(parity.line(f"{label} vs ONNX fp32"))
         if parity.min_cosine < min_cosine:
             raise ValueError(f"{label} min cosine {parity.min_cosine:.5f} < {min_cosine}; not kept")

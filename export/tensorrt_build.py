@@ -19,6 +19,11 @@ Build: explicit batch (the TensorRT 10 default), one optimisation profile over t
 under $FASTRET_CACHE/tensorrt/ reused by later builds. The plan is kept only when its embeddings
 match ONNX Runtime fp32 on real images (min cosine >= 0.999); its GPU name, compute capability
 and TensorRT version go into metadata.json, and the runtime refuses it anywhere else.
+
+A full CLIP export also gets a plan of its text tower (``text.fp16.plan``), built the same way
+from the text tower's FP16 ONNX: int64 token ids in (no cast rewrite needed), one profile over
+batch and token count (1 x 2 up to `TEXT_MAX_BATCH` x the context length), checked against ONNX
+Runtime fp32 on the export's parity prompts.
 """
 
 from __future__ import annotations
@@ -28,10 +33,14 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
+
+import numpy as np
 
 from fastret.engine.decode import Preprocessing
 from fastret.engine.encoders import ModelInfo
 from fastret.engine.log import Log, no_log
+from fastret.engine.text import TensorRTTextEncoder
 from fastret.engine.tensorrt_runtime import (
     PLAN_FILE,
     PlanTarget,
@@ -40,10 +49,12 @@ from fastret.engine.tensorrt_runtime import (
     tensorrt_missing,
     trt_logger,
 )
+from fastret.export.fp16 import FP32_OPS, export_fp16
 from fastret.export.onnx_export import (
     FP32_ONNX,
     INPUT_NAME,
     ExportError,
+    Parity,
     add_artefact,
     cache_root,
     compare_embeddings,
@@ -51,11 +62,23 @@ from fastret.export.onnx_export import (
     parity_pixels,
     read_metadata,
 )
+from fastret.export.text_tower import (
+    PARITY_PROMPTS,
+    TEXT_PLAN_FILE,
+    TEXT_PLAN_KIND,
+    export_text_fp16,
+    export_tokenizer,
+    text_entry,
+)
 
 PLAN_KIND = "tensorrt-plan"
 TRT_MIN_COSINE = 0.999
 DEFAULT_WORKSPACE_GIB = 4.0
 INPUT_CAST_NODE = "fastret_input_cast"
+TEXT_MAX_BATCH = 64
+"""Most text queries one text-plan call takes (more run in chunks)."""
+TEXT_OPT_TOKENS = 16
+"""Token count the text plan is tuned for: a query of a few words, with its start and end tokens."""
 
 
 class TensorRTUnavailable(Exception):
@@ -115,12 +138,18 @@ def prepare_onnx_for_tensorrt(model, input_name: str = INPUT_NAME):
                     node.input[i] = as_float
         graph.node.insert(0, helper.make_node("Cast", [input_name], [as_float], name=INPUT_CAST_NODE, to=TensorProto.FLOAT))
         del graph.value_info[:]
+    return sorted_for_tensorrt(rewritten)
+
+
+def sorted_for_tensorrt(model):
+    """The ONNX model (changed in place) with its nodes in topological order, as TensorRT's parser reads them."""
+    graph = model.graph
     known = {""} | {t.name for t in graph.input} | {t.name for t in graph.initializer}
     ordered = topological_order([(list(n.input), list(n.output)) for n in graph.node], known)
     nodes = [graph.node[i] for i in ordered]
     del graph.node[:]
     graph.node.extend(nodes)
-    return rewritten
+    return model
 
 
 def topological_order(nodes: list[tuple[list[str], list[str]]], known: set[str]) -> list[int]:
@@ -173,7 +202,18 @@ def build_serialized_plan(
     timing_cache: Path,
     log: Log = no_log,
 ) -> bytes:
-    """Parse a (mixed-precision) ONNX model into a strongly typed network and build a plan."""
+    """Parse a (mixed-precision) image-tower ONNX model into a strongly typed network and build a plan."""
+    return build_plan_bytes(onnx_bytes, {input_name: profile.shapes(size)}, workspace_bytes, timing_cache, log)
+
+
+def build_plan_bytes(
+    onnx_bytes: bytes,
+    input_shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]],
+    workspace_bytes: int,
+    timing_cache: Path,
+    log: Log = no_log,
+) -> bytes:
+    """A strongly typed plan of an ONNX model, one optimisation profile: each input's (min, opt, max) shapes."""
     import tensorrt as trt
 
     logger = trt_logger()
@@ -186,7 +226,8 @@ def build_serialized_plan(
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
     optimisation = builder.create_optimization_profile()
-    optimisation.set_shape(input_name, *profile.shapes(size))
+    for name, shapes in input_shapes.items():
+        optimisation.set_shape(name, *shapes)
     config.add_optimization_profile(optimisation)
     cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
     if not config.set_timing_cache(cache, False):
@@ -213,8 +254,6 @@ def build_plan_for_export(
         raise TensorRTUnavailable(missing)
     import onnx
 
-    from fastret.export.fp16 import FP32_OPS, export_fp16
-
     export_dir = Path(export_dir)
     metadata = read_metadata(export_dir)
     info = ModelInfo.from_dict(metadata)
@@ -238,33 +277,112 @@ def build_plan_for_export(
         log,
     )
     build_seconds = time.perf_counter() - started
-    plan = export_dir / PLAN_FILE
-    staging = export_dir / f".{PLAN_FILE}.tmp-{os.getpid()}"
-    try:
-        staging.write_bytes(plan_bytes)
-        pixels, source = parity_pixels(spec, image_dir)
-        try:
-            candidate = TensorRTEncoder(staging, info).encode(pixels)
-        except RuntimeError as exc:
-            raise ExportError(f"the TensorRT plan just built does not run: {exc}") from None
-        parity = compare_embeddings(onnx_embed(export_dir / FP32_ONNX, pixels), candidate, source)
-        log(parity.line("TensorRT fp16 vs ONNX Runtime fp32"))
-        if parity.min_cosine < TRT_MIN_COSINE:
-            raise ExportError(f"TensorRT plan min cosine {parity.min_cosine:.5f} < {TRT_MIN_COSINE}; not kept")
-        os.replace(staging, plan)
-    finally:
-        staging.unlink(missing_ok=True)
+    pixels, source = parity_pixels(spec, image_dir)
+    parity = _keep_checked_plan(
+        export_dir, PLAN_FILE, plan_bytes, lambda path: TensorRTEncoder(path, info).encode(pixels),
+        onnx_embed(export_dir / FP32_ONNX, pixels), source, "images", log,
+    )
+    _record_plan(export_dir, PLAN_FILE, PLAN_KIND, target, fp16_onnx, workspace_gib, cache, build_seconds, parity,
+                 batch_profile=profile.to_dict())
+    return export_dir / PLAN_FILE
+
+
+def _record_plan(
+    export_dir: Path, name: str, kind: str, target: PlanTarget, fp16_onnx: Path, workspace_gib: float,
+    cache: Path, build_seconds: float, parity: Parity, **shapes,
+) -> None:
+    """metadata.json's record of a plan: what it is tied to, how it was built, its parity."""
     add_artefact(
         export_dir,
-        PLAN_FILE,
-        PLAN_KIND,
+        name,
+        kind,
         **target.to_dict(),
         precision=f"fp16, strongly typed from {fp16_onnx.name}",
         fp32_ops=FP32_OPS,
-        batch_profile=profile.to_dict(),
+        **shapes,
         workspace_gib=workspace_gib,
         timing_cache=str(cache),
         build_seconds=round(build_seconds, 1),
         parity_vs_onnx_fp32=parity.to_dict(),
     )
-    return plan
+
+
+def _keep_checked_plan(
+    export_dir: Path,
+    name: str,
+    plan_bytes: bytes,
+    run_plan: Callable[[Path], np.ndarray],
+    reference: np.ndarray,
+    source: str,
+    unit: str,
+    log: Log,
+) -> Parity:
+    """Write a plan under a staging name, run it (`run_plan`) and rename it to `name` in the export
+    when its embeddings match `reference` (ONNX Runtime fp32) at min cosine >= 0.999; else ExportError."""
+    plan = export_dir / name
+    staging = export_dir / f".{name}.tmp-{os.getpid()}"
+    try:
+        staging.write_bytes(plan_bytes)
+        try:
+            candidate = run_plan(staging)
+        except RuntimeError as exc:
+            raise ExportError(f"the TensorRT plan just built does not run: {exc}") from None
+        parity = compare_embeddings(reference, candidate, source, unit)
+        log(parity.line(f"TensorRT fp16 {name} vs ONNX Runtime fp32"))
+        if parity.min_cosine < TRT_MIN_COSINE:
+            raise ExportError(f"TensorRT plan min cosine {parity.min_cosine:.5f} < {TRT_MIN_COSINE}; not kept")
+        os.replace(staging, plan)
+    finally:
+        staging.unlink(missing_ok=True)
+    return parity
+
+
+def build_text_plan_for_export(
+    export_dir: Path,
+    *,
+    log: Log = no_log,
+    max_batch: int = TEXT_MAX_BATCH,
+    workspace_gib: float = DEFAULT_WORKSPACE_GIB,
+) -> Path:
+    """Build, check and record ``text.fp16.plan``, the text tower's plan, in a full CLIP export; return its path."""
+    missing = tensorrt_missing()
+    if missing:
+        raise TensorRTUnavailable(missing)
+    import onnx
+
+    export_dir = Path(export_dir)
+    metadata = read_metadata(export_dir)
+    entry = text_entry(export_dir)
+    if entry is None:
+        raise ExportError(f"{export_dir}: the export has no text tower to build a plan of")
+    fp16_onnx, _ = export_text_fp16(export_dir, log=log)
+    target = current_target()
+    cache = timing_cache_path(target)
+    context = int(entry["context_length"])
+    shapes = ((1, 2), (1, min(TEXT_OPT_TOKENS, context)), (max_batch, context))
+    log(f"building TensorRT {target.tensorrt_version} text-tower plan for {target.gpu_name}: token ids "
+        f"{shapes[0]} to {shapes[2]}, workspace {workspace_gib:g} GiB")
+    started = time.perf_counter()
+    plan_bytes = build_plan_bytes(
+        sorted_for_tensorrt(onnx.load(str(fp16_onnx))).SerializeToString(),
+        {entry["input"]: shapes},
+        int(workspace_gib * (1 << 30)),
+        cache,
+        log,
+    )
+    build_seconds = time.perf_counter() - started
+    tokenizer = export_tokenizer(export_dir)
+    ids = tokenizer(PARITY_PROMPTS).ids
+    parity = _keep_checked_plan(
+        export_dir,
+        TEXT_PLAN_FILE,
+        plan_bytes,
+        lambda path: TensorRTTextEncoder(path, tokenizer, metadata["model_id"], int(metadata["dim"])).encode_ids(ids),
+        onnx_embed(export_dir / entry["onnx"], ids),
+        f"{len(PARITY_PROMPTS)} built-in prompts",
+        "prompts",
+        log,
+    )
+    _record_plan(export_dir, TEXT_PLAN_FILE, TEXT_PLAN_KIND, target, fp16_onnx, workspace_gib, cache, build_seconds,
+                 parity, token_id_shapes={"min": shapes[0], "opt": shapes[1], "max": shapes[2]})
+    return export_dir / TEXT_PLAN_FILE

@@ -1,14 +1,16 @@
-"""PyTorch modules of the registry's models: pixels in, L2-normalised embeddings out."""
+"""PyTorch modules of the registry's models: pixels (or CLIP token ids) in, L2-normalised embeddings out."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch import nn
 
 from fastret.engine.decode import Preprocessing
-from fastret.export.models import ModelNotFound, ModelSource
+from fastret.export.models import ModelNotFound, ModelSource, clip_projection_dim
 
 
 class EmbeddingModel(nn.Module):
@@ -104,12 +106,46 @@ def _efficientnet_backbone(weights: Path) -> nn.Module:
     return _EfficientNetFeatures(net)
 
 
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """No loading reports or progress bars from transformers on stderr (a full CLIP checkpoint
+    loaded one tower at a time lists the other tower's weights as unused)."""
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def load_clip_tower(model_class, directory: Path, tower: str) -> nn.Module:
+    """One tower (+ projection) of a CLIP checkpoint, in eval mode; ModelNotFound in one line if it
+    does not load. The projection size is the checkpoint's (clip_projection_dim), not a sub-config's."""
+    try:
+        with _quiet_transformers():
+            # Eager attention traces to plain MatMul/Softmax ops every ONNX runtime supports.
+            model = model_class.from_pretrained(
+                directory, attn_implementation="eager", projection_dim=clip_projection_dim(directory)
+            )
+    except ModelNotFound:
+        raise
+    except Exception as exc:  # transformers raises many kinds (OSError, RuntimeError, ValueError, ...)
+        reason = (str(exc).strip().splitlines() or [""])[0]
+        raise ModelNotFound(
+            f"{directory}: cannot load the CLIP {tower} tower ({type(exc).__name__}: {reason})"
+        ) from None
+    return model.eval()
+
+
 def _clip_backbone(directory: Path) -> nn.Module:
     from transformers import CLIPVisionModelWithProjection
 
-    # Eager attention traces to plain MatMul/Softmax ops every ONNX runtime supports.
-    model = CLIPVisionModelWithProjection.from_pretrained(directory, attn_implementation="eager")
-    return _ClipImageEmbeds(model)
+    return _ClipImageEmbeds(load_clip_tower(CLIPVisionModelWithProjection, directory, "image"))
 
 
 def load_torch_model(source: ModelSource) -> EmbeddingModel:
@@ -121,3 +157,29 @@ def load_torch_model(source: ModelSource) -> EmbeddingModel:
     else:
         raise ModelNotFound(f"unknown model family {source.family!r}")
     return EmbeddingModel(backbone, source.preprocessing).eval()
+
+
+class TextEmbeddingModel(nn.Module):
+    """CLIP token ids (N, L) int64 -> L2-normalised float32 (N, D) text embeddings.
+
+    The ids are what the checkpoint's tokenizer makes (start token, words, end token, padding);
+    the text tower is causal and reads the end token's state, so padding after it changes
+    nothing and no attention mask is needed.
+    """
+
+    def __init__(self, clip_text: nn.Module) -> None:
+        super().__init__()
+        self.clip_text = clip_text
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        features = self.clip_text(input_ids=input_ids).text_embeds
+        return features / features.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def load_torch_text_model(source: ModelSource) -> TextEmbeddingModel:
+    """The fp32 PyTorch text tower of a full CLIP checkpoint: the reference the exported text tower matches."""
+    from transformers import CLIPTextModelWithProjection
+
+    if source.family != "clip" or not source.text_tower:
+        raise ModelNotFound(f"{source.model_id} has no text tower")
+    return TextEmbeddingModel(load_clip_tower(CLIPTextModelWithProjection, source.location, "text")).eval()

@@ -51,7 +51,7 @@ class LiveRetriever:
                 return False
             try:
                 index = Index.load(self.index_dir)
-                fresh = Retriever(index, served.encoder)  # check_model: the encoder must fit the new version
+                fresh = served.with_index(index)  # check_model: the encoders must fit the new version
             except BadIndex as exc:
                 self._refused = name
                 self._log(f"not serving index version {name}: {exc}; still serving {served.index.version_dir.name}")

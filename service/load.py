@@ -30,16 +30,26 @@ from fastret.engine.index import Index
 from fastret.engine.log import Log, no_log
 from fastret.engine.openvino_runtime import OpenVinoEncoder, cpu_supports_bf16, openvino_missing
 from fastret.engine.tensorrt_runtime import PLAN_FILE, TensorRTEncoder, plan_status
-from fastret.export.models import ModelSource, resolve_model
+from fastret.engine.text import OnnxTextEncoder, TensorRTTextEncoder, TextEncoder
+from fastret.export.models import BUNDLED, CLIP_B32, ModelSource, resolve_model
 from fastret.export.onnx_export import (
     FP32_ONNX,
     INPUT_NAME,
     ExportError,
+    METADATA_FILE,
     cache_root,
     ensure_exported,
     export_dir_name,
     find_artefact,
     read_metadata,
+)
+from fastret.export.text_tower import (
+    TEXT_FP16_KIND,
+    TEXT_INT8_KIND,
+    TEXT_PLAN_FILE,
+    ensure_text_tower,
+    export_tokenizer,
+    text_entry,
 )
 
 TORCH_PRECISIONS = {"torch": "fp32", "torch-cuda": "fp32", "torch-cuda-fp16": "fp16"}
@@ -87,6 +97,7 @@ def encoder_for_source(
     if backend in TORCH_PRECISIONS:
         return _torch_encoder(source, backend, precision, **extra)
     export_dir = ensure_exported(source, image_dir=image_dir, log=log)
+    ensure_text_tower(source, export_dir, log=log)  # searches open it read-only: it is made with the image tower
     if backend in ("tensorrt", "auto"):
         plan, reason = plan_status(export_dir / PLAN_FILE, _record(export_dir, PLAN_FILE))
         if plan is not None:
@@ -518,3 +529,112 @@ def encoder_for_index(
             log(f"the index was embedded on {recorded['backend']} ({recorded.get('precision')}), not available "
                 f"here ({exc}); queries use the auto runtime, scores may differ slightly")
     return encoder_for_source(source, backend, precision=precision, **options)
+
+
+class TextUnavailable(BackendUnavailable):
+    """Text queries cannot run on an index: its model has no text tower, or its export lacks one."""
+
+
+TEXT_MODELS = f"--model {CLIP_B32} (or hf:ORG/NAME, or a CLIP checkpoint directory)"
+
+
+def model_export_dir(index: Index) -> Path | None:
+    """The export directory of the index's model: the one its recipe's artefact lies in, else the one
+    in this machine's cache; None when neither exists."""
+    name = export_dir_name(index.model.model_id, index.model.weights_sha256)
+    candidates = []
+    recipe = index_recipe(index)
+    if recipe is not None and recipe.artefact is not None:
+        parts = Path(recipe.artefact).parts
+        if name in parts:
+            candidates.append(Path(*parts[: parts.index(name) + 1]))
+    candidates.append(cache_root() / "models" / name)
+    return next((path for path in candidates if (path / METADATA_FILE).is_file()), None)
+
+
+def _no_text_tower(index: Index, why: str) -> TextUnavailable:
+    where = index.version_dir.parent if index.version_dir is not None else "INDEX"
+    return TextUnavailable(
+        f"text queries need a CLIP model with its text tower: {why}; index the images with {TEXT_MODELS}, e.g. "
+        f"`fastret index {index.root} --model {CLIP_B32} --out {where}`"
+    )
+
+
+def text_encoder_for_index(
+    index: Index,
+    backend: str = "auto",
+    *,
+    precision: str = "auto",
+    threads: int | None = None,
+    log: Log = no_log,
+) -> TextEncoder:
+    """The text tower of the index's model, opened read-only (see _text_encoder_for_index); a damaged
+    text tower (unreadable metadata, tokenizer or graph) is refused as TextUnavailable too."""
+    try:
+        return _text_encoder_for_index(index, backend, precision=precision, threads=threads, log=log)
+    except BackendUnavailable:
+        raise
+    except Exception as exc:  # json, tokenizers and onnxruntime raise their own kinds for damaged files
+        raise TextUnavailable(
+            f"the text tower of {index.model.model_id} cannot be opened ({type(exc).__name__}: {exc}); re-run "
+            "`fastret index` with the same model to export it again"
+        ) from None
+
+
+def _text_encoder_for_index(
+    index: Index,
+    backend: str,
+    *,
+    precision: str,
+    threads: int | None,
+    log: Log,
+) -> TextEncoder:
+    """The text tower of the index's model, opened read-only from its export (never exports anything).
+
+    Its runtime follows the image side's: the index's recipe when `backend` and `precision` are
+    auto, else what they ask for; a TensorRT plan, an INT8 or FP16 text model where the export has
+    one, else the fp32 text ONNX (which serves every runtime: text embeddings are made at query
+    time only, so no gallery depends on their runtime). TextUnavailable (a BackendUnavailable)
+    says why text queries cannot run and which model to index with.
+    """
+    model_id = index.model.model_id
+    export_dir = model_export_dir(index)
+    if model_id == BUNDLED or (export_dir is not None and read_metadata(export_dir).get("family") != "clip"):
+        raise _no_text_tower(index, f"the index was built with {model_id}, an image-only model")
+    if export_dir is None:
+        raise TextUnavailable(
+            f"no export of {model_id} on this machine (looked in {cache_root() / 'models'}); re-run "
+            f"`fastret index {index.root} --model {model_id}` here, which exports both towers"
+        )
+    metadata = read_metadata(export_dir)
+    if text_entry(export_dir) is None:
+        raise _no_text_tower(
+            index,
+            f"the export {export_dir} has none (the checkpoint is a vision tower alone, lacks a tokenizer, or was "
+            "exported before text queries; `fastret index` adds it for a full CLIP checkpoint)",
+        )
+    if metadata.get("weights_sha256") != index.model.weights_sha256 or int(metadata.get("dim", -1)) != index.model.dim:
+        raise TextUnavailable(f"the export {export_dir} is not of the index's model weights; re-index with `fastret index`")
+    recipe = index_recipe(index)
+    runs_backend = backend if backend != "auto" or recipe is None else recipe.backend
+    runs_precision = precision if precision != "auto" or recipe is None else recipe.precision
+    common = {"tokenizer": export_tokenizer(export_dir), "model_id": model_id, "dim": index.model.dim}
+    if runs_backend == "tensorrt":
+        plan, reason = plan_status(export_dir / TEXT_PLAN_FILE, _record(export_dir, TEXT_PLAN_FILE))
+        if plan is not None:
+            try:
+                return TensorRTTextEncoder(plan, **common)
+            except RuntimeError as exc:  # a plan TensorRT cannot load: the ONNX text tower answers instead
+                reason = str(exc)
+        log(f"text queries run on ONNX Runtime, not TensorRT: {reason}")
+    extra = {"threads": threads} if threads else {}
+    derived = {"int8": (TEXT_INT8_KIND, ["CPUExecutionProvider"])}
+    if not _cpu_only():
+        derived["fp16"] = (TEXT_FP16_KIND, ort_providers())
+    if runs_precision in derived:
+        kind, providers = derived[runs_precision]
+        found = find_artefact(export_dir, kind)
+        if found is not None:
+            return OnnxTextEncoder(found[0], precision=runs_precision, providers=providers, **common, **extra)
+        log(f"the export has no {runs_precision} text tower; text queries run fp32")
+    return OnnxTextEncoder(export_dir / text_entry(export_dir)["onnx"], providers=ort_providers(), **common, **extra)

@@ -3,6 +3,10 @@
 `fastret search`, `fastret serve` (all its endpoints) and `fastret eval` go through a Retriever,
 so an option (k, exact, ef, score, re-ranking, flip averaging, include-self) means the same
 everywhere. It only reads: re-ranking state is prepared in memory, never written to the index.
+
+Text queries (CLIP models) embed words with the model's text tower into the images' space; a
+query may add an image and subtract a negative text: the unit vectors of the image and the text
+are summed, the negative text's subtracted (as rclip does), and the result normalised.
 """
 
 from __future__ import annotations
@@ -16,15 +20,20 @@ import numpy as np
 
 from fastret.engine.decode import ImageError, load_pixels
 from fastret.engine.encoders import Encoder, describe_runtime
+from fastret.engine.text import TextEncoder, check_query_text, encode_texts
 from fastret.engine.index import Index
 from fastret.engine.evaluation import index_search
 from fastret.engine.rerank import RECOMMENDED_RERANK, PreparedDatabase, RerankOptions, prepare_database, rerank_ranker, rerank_search
 from fastret.engine.retrieval import SCORES, Hit, hits_from, ids_of_file, rank_hits
 from fastret.engine.tta import average_views, flip_horizontal
-from fastret.service.load import encoder_for_index
+from fastret.service.load import BackendUnavailable, encoder_for_index, text_encoder_for_index
 
 MAX_K = 1000
 """Most results one query may ask for: bounds the work (and the response) of a single request."""
+
+PREPARED_DATABASES = 8
+"""Re-ranking spaces a Retriever keeps (least recently used dropped): each is a copy of the database,
+and `fastret serve` takes the options from its clients."""
 
 
 @dataclass(frozen=True)
@@ -88,16 +97,38 @@ def rerank_request(
     return replace(base, **{name: value for name, value in given.items() if value is not None})
 
 
-class Retriever:
-    """An index plus the encoder it was built with; answers image, vector and item queries."""
+@dataclass(frozen=True)
+class TextQuery:
+    """A text query (maybe with an image, maybe minus a negative text) as one unit vector."""
 
-    def __init__(self, index: Index, encoder: Encoder | None = None) -> None:
+    vector: np.ndarray  # (D,) float32, unit length
+    exclude: frozenset[int]  # items treated as absent: the query image's own, unless include_self
+    description: str  # e.g. "text:a red bus" or "photo.jpg + text:at night - text:people"
+    notes: tuple[str, ...] = ()  # what the user should know, e.g. words past the model's context length
+
+
+class Retriever:
+    """An index plus the encoder it was built with; answers image, vector and item queries, and text
+    queries through the model's text tower (opened on first use: `open_text`)."""
+
+    def __init__(
+        self,
+        index: Index,
+        encoder: Encoder | None = None,
+        *,
+        text_encoder: TextEncoder | None = None,
+        open_text: Callable[[Index], TextEncoder] | None = None,
+    ) -> None:
         if encoder is not None:
             index.check_model(encoder.info)
         self.index = index
         self.encoder = encoder
         self._prepared: dict[tuple, PreparedDatabase] = {}
         self._prepare_lock = threading.Lock()
+        self._text_encoder = text_encoder
+        self._text_unavailable: str | None = None
+        self._open_text = open_text or text_encoder_for_index
+        self._text_lock = threading.Lock()
 
     @classmethod
     def open(
@@ -109,15 +140,27 @@ class Retriever:
         threads: int | None = None,
         workload: str = "latency",
         log: Callable[[str], None] = lambda _: None,
+        images: bool = True,
     ) -> "Retriever":
-        """Load the live version of an index and open the encoder that embedded it."""
+        """Load the live version of an index and open the encoder that embedded it (`images=False`:
+        no image encoder, for text-only queries); the text tower opens on the first text query."""
         index = Index.load(index_dir)
-        encoder = encoder_for_index(index, backend, threads=threads, precision=precision, workload=workload, log=log)
-        return cls(index, encoder)
+        encoder = (
+            encoder_for_index(index, backend, threads=threads, precision=precision, workload=workload, log=log)
+            if images
+            else None
+        )
+        open_text = lambda opened: text_encoder_for_index(opened, backend, precision=precision, threads=threads, log=log)  # noqa: E731
+        return cls(index, encoder, open_text=open_text)
 
     def current(self) -> "Retriever":
         """The search service to answer a request with: this one (a LiveRetriever's changes with the index)."""
         return self
+
+    def with_index(self, index: Index) -> "Retriever":
+        """The same encoders over another version of the index (BadIndex if it is another model's);
+        its re-ranking state is prepared anew."""
+        return Retriever(index, self.encoder, text_encoder=self._text_encoder, open_text=self._open_text)
 
     @property
     def runtime(self) -> str:
@@ -135,6 +178,84 @@ class Retriever:
         if self.encoder is None:
             raise ValueError("this search service has no encoder: it answers vector and item queries only")
         return combine_views([self.encoder.encode(view) for view in query_views(crops, flip_tta)])
+
+    def text_encoder(self) -> TextEncoder:
+        """The model's text tower, opened once; BackendUnavailable (TextUnavailable) says why there is none."""
+        with self._text_lock:
+            if self._text_encoder is None:
+                if self._text_unavailable is not None:
+                    raise BackendUnavailable(self._text_unavailable)
+                try:
+                    self._text_encoder = self._open_text(self.index)
+                except BackendUnavailable as exc:
+                    self._text_unavailable = str(exc)
+                    raise
+            return self._text_encoder
+
+    def text_unavailable(self) -> str | None:
+        """Why text queries cannot run on this index (None: they can); opens the text tower if needed."""
+        try:
+            self.text_encoder()
+        except BackendUnavailable as exc:
+            return str(exc)
+        return None
+
+    def text_query(
+        self,
+        text: str | None,
+        options: SearchOptions,
+        *,
+        negative: str | None = None,
+        image: str | Path | None = None,
+    ) -> TextQuery:
+        """The unit query vector of a text, an image plus a text, or either minus a negative text.
+
+        ValueError for a missing, empty or too long text, or parts that cancel out; the image is
+        decoded (ImageError) and embedded with options.flip_tta, and stays out of its own results
+        unless options.include_self.
+        """
+        if text is None and image is None:
+            raise ValueError("a query needs an image, a text, or both")
+        if text is None and negative is None:
+            raise ValueError("an image query without text: use search_file")
+        texts = [check_query_text(t) for t in (text, negative) if t is not None]
+        parts: list[np.ndarray] = []
+        labels: list[str] = []
+        exclude: frozenset[int] = frozenset()
+        if image is not None:
+            try:
+                crop = self.decode(image)
+            except ImageError as exc:
+                raise ImageError(f"{image}: {exc}") from None
+            parts.append(self.embed(crop[None], flip_tta=options.flip_tta)[0])
+            labels.append(str(image))
+            exclude = frozenset() if options.include_self else ids_of_file(self.index, image)
+        encoder = self.text_encoder()
+        vectors, tokens = encode_texts(encoder, texts)
+        notes = tuple(
+            f"the model reads the first {encoder.tokenizer.context_length} tokens of a query; it ignored "
+            f"{tail if len(tail) <= 80 else tail[:77] + '...'!r}"
+            for tail in tokens.ignored
+            if tail
+        )
+        if text is not None:
+            parts.append(vectors[0])
+            labels.append(f"text:{text}")
+        negatives = [vectors[-1]] if negative is not None else []
+        description = " + ".join(labels) + (f" - text:{negative}" if negative is not None else "")
+        return TextQuery(combine_query(parts, negatives), exclude, description, notes)
+
+    def search_text(
+        self,
+        text: str | None,
+        options: SearchOptions,
+        *,
+        negative: str | None = None,
+        image: str | Path | None = None,
+    ) -> list[Hit]:
+        """Hits for a text query (see text_query: an image may be added, a negative text subtracted)."""
+        query = self.text_query(text, options, negative=negative, image=image)
+        return self.search_vector(query.vector, options, query.exclude)
 
     # --- searching --------------------------------------------------------------------------
 
@@ -190,12 +311,14 @@ class Retriever:
         return index_search(self.index, exact=options.exact, ef=options.ef)
 
     def prepared(self, rerank: RerankOptions) -> PreparedDatabase:
-        """The database in the re-ranking space of these options, prepared once per process."""
+        """The database in the re-ranking space of these options, kept for the next query that asks."""
         key = (rerank.pca_dim, rerank.pca_power, rerank.dba_n, rerank.dba_alpha)
         with self._prepare_lock:
-            if key not in self._prepared:
-                self._prepared[key] = prepare_database(self.index.embeddings, rerank)
-            return self._prepared[key]
+            prepared = self._prepared.pop(key, None) or prepare_database(self.index.embeddings, rerank)
+            self._prepared[key] = prepared  # the most recently used last
+            if len(self._prepared) > PREPARED_DATABASES:
+                del self._prepared[next(iter(self._prepared))]
+            return prepared
 
 
 def query_views(crops: np.ndarray, flip_tta: bool) -> list[np.ndarray]:
@@ -206,3 +329,17 @@ def query_views(crops: np.ndarray, flip_tta: bool) -> list[np.ndarray]:
 def combine_views(embeddings: list[np.ndarray]) -> np.ndarray:
     """(N, D) query embeddings from the embeddings of each view (one view: as it is)."""
     return embeddings[0] if len(embeddings) == 1 else average_views(*embeddings)
+
+
+def combine_query(positives: list[np.ndarray], negatives: list[np.ndarray]) -> np.ndarray:
+    """The unit vector of the sum of `positives` minus the sum of `negatives` (each a unit vector).
+
+    ValueError when they cancel out (a negative text equal to the query's), rather than a search
+    with a zero vector whose ranking would mean nothing.
+    """
+    total = np.sum(positives, axis=0) if positives else 0.0
+    total = total - (np.sum(negatives, axis=0) if negatives else 0.0)
+    norm = float(np.linalg.norm(total))
+    if not np.all(np.isfinite(total)) or norm < 1e-6:
+        raise ValueError("the query's parts cancel out (is the negative text the same as the query?)")
+    return (np.asarray(total, dtype=np.float64) / norm).astype(np.float32)

@@ -159,3 +159,42 @@ def odd_mode_images(tmp_path_factory) -> dict[str, tuple[Path, tuple[int, int, i
     save("grey16.png", Image.fromarray(np.full((60, 80), 65535, np.uint16)), (255, 255, 255))
     save("rgba.png", Image.new("RGBA", (64, 64), (0, 0, 0, 0)), (255, 255, 255))
     return made
+
+
+TINY_CLIP_VOCAB = (
+    "l", "o", "w", "e", "r", "s", "t", "i", "d", "n", "lo", "l</w>", "w</w>", "r</w>", "t</w>",
+    "low</w>", "er</w>", "lowest</w>", "newer</w>", "wider", "<unk>", "<|startoftext|>", "<|endoftext|>",
+)
+"""transformers' own CLIP tokenizer test vocabulary: a few byte-level BPE pieces and the special tokens."""
+TINY_CLIP_MERGES = "#version: 0.2\nl o\nlo w</w>\ne r</w>\n"
+
+
+@pytest.fixture(scope="session")
+def tiny_full_clip_dir(tmp_path_factory) -> Path:
+    """A randomly initialised full CLIP (vision and text towers, CLIPConfig) with a tiny tokenizer,
+    saved as a real checkpoint is: config.json (whose sub-configs repeat transformers' default
+    projection_dim 512 while the model projects to 16, as the bug report's checkpoints do),
+    model.safetensors, vocab.json + merges.txt and what the tokenizer saves beside them."""
+    import json
+
+    import torch
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizerFast
+
+    directory = tmp_path_factory.mktemp("tiny-full-clip")
+    (directory / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(TINY_CLIP_VOCAB)}))
+    (directory / "merges.txt").write_text(TINY_CLIP_MERGES)
+    (directory / "special_tokens_map.json").write_text(json.dumps({"unk_token": "<unk>"}))
+    tokenizer = CLIPTokenizerFast.from_pretrained(directory)
+    special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+               "pad_token_id": tokenizer.pad_token_id}
+    torch.manual_seed(0)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(TINY_CLIP_VOCAB), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=16, **special),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=16,
+    )
+    CLIPModel(config).eval().save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory

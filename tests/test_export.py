@@ -308,7 +308,7 @@ def test_a_recipe_finds_its_artefact_in_a_moved_cache_and_refuses_when_it_is_gon
     with pytest.raises(
         BackendUnavailable,
         match=rf"artefact {made.recipe.artefact} is not on this machine; re-run `fastret index DIR --out INDEX` "
-        r"\(it re-makes the same artefact\), or point FASTRET_CACHE at the cache that made it",
+        r"\(it embeds the gallery again with an artefact made here\), or point FASTRET_CACHE at the cache that made it",
     ):
         encoder_from_recipe(made.recipe)
     assert list(cache_b.iterdir()) == []

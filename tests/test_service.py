@@ -263,3 +263,18 @@ def test_search_with_another_cache_uses_the_recorded_artefact_or_refuses(tiny_cl
     err = capsys.readouterr().err
     assert "is not on this machine" in err and f"fastret index {(tmp_path / 'gallery').resolve()}" in err
     assert list(cache_b.iterdir()) == []
+
+
+@pytest.mark.parametrize("endpoint", ["/items/{}/image", "/items/{}/thumbnail", "/search/item/{}"])
+@pytest.mark.parametrize("raw", ["9" * 5000, "18446744073709551616", "-1", "1e3"])
+def test_item_ids_of_any_length_are_404_not_500(endpoint, raw, hostile_index):
+    pytest.importorskip("fastapi", reason="the web extra is not installed: pip install 'fastret[web]'")
+    from fastapi.testclient import TestClient
+
+    from fastret.web.app import create_app
+
+    _, index_dir, encoder = hostile_index
+    with TestClient(create_app(Retriever(Index.load(index_dir), encoder))) as client:
+        method = client.post if endpoint.startswith("/search") else client.get
+        response = method(endpoint.format(raw))
+    assert response.status_code == 404 and len(response.json()["detail"]) < 200

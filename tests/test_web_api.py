@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +24,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from fastret.engine.decode import load_pixels  # noqa: E402
 from fastret.engine.index import FORMAT_VERSION, BadIndex  # noqa: E402
 from fastret.engine.retrieval import build_index  # noqa: E402
-from fastret.service.search import Retriever  # noqa: E402
+from fastret.service.search import PREPARED_DATABASES, Retriever  # noqa: E402
 from fastret.web.app import create_app  # noqa: E402
 from fastret.web.batcher import MicroBatcher  # noqa: E402
 from fakes import COLOUR_SPEC as SPEC, MeanColourEncoder  # noqa: E402
@@ -146,6 +149,67 @@ def test_decompression_bomb_is_refused(colour_index):
     assert "decompression bomb" in response.json()["detail"]
 
 
+BIG_SIDE = 6000  # a 6000 x 6000 RGB PNG of one colour: ~120 KB on disk, 36 Mpx to decode
+PEAK_SLACK_MB = 100
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set (VmHWM) so far, in MiB."""
+    status = Path("/proc/self/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1]) / 1024
+
+
+def upload_peak_rss(big_png: str, bomb_png: str, copies: int, max_decodes: int) -> None:
+    """Run in a fresh interpreter by the test below: send `copies` big PNGs and one bomb at once to an
+    app with a 40 Mpx cap; print the statuses, the bomb's reason and the growth of the peak RSS."""
+    index, _ = build_index(_colour_gallery(Path(big_png).parent / "gallery"), MeanColourEncoder(), workers=0)
+    app = create_app(Retriever(index, MeanColourEncoder()), max_pixels=40_000_000, max_decodes=max_decodes)
+    files = [Path(big_png).read_bytes()] * copies + [Path(bomb_png).read_bytes()]
+
+    async def send(images: list[bytes]) -> list:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            return await asyncio.gather(
+                *(client.post("/search", files={"image": (f"{n}.png", data)}, params={"k": 1}) for n, data in enumerate(images))
+            )
+
+    asyncio.run(send([solid_jpeg(COLOURS["red"])]))  # warm up: imports, threadpool, encoder thread
+    before = peak_rss_mb()
+    responses = asyncio.run(send(files))
+    growth = peak_rss_mb() - before
+    print(json.dumps({"statuses": [r.status_code for r in responses], "bomb": responses[-1].json()["detail"],
+                      "growth_mb": growth}))
+
+
+def _colour_gallery(root: Path) -> Path:
+    for name, colour in COLOURS.items():
+        (root / name).mkdir(parents=True)
+        (root / name / "0.jpg").write_bytes(solid_jpeg(colour))
+    return root
+
+
+def test_concurrent_huge_uploads_stay_within_a_memory_budget(tmp_path, bad_images):
+    """Six 36 Mpx PNGs at once, max_decodes=2: the peak RSS grows by at most two decodes, not six.
+    An upload over the pixel cap gets 400 with a one-line reason, before any decoding."""
+    # Pillow holds RGB at 4 bytes a pixel: one decode peaks near 137 MiB. Measured on the 2-core VM:
+    # +149 to +288 MiB at max_decodes=2 (one or two decodes overlapping), +703 to +830 MiB with the
+    # bound lifted. Budget: two whole decodes plus 100 MiB (bodies, crops, allocator slack) = 375 MiB.
+    big = tmp_path / "big.png"
+    Image.new("RGB", (BIG_SIDE, BIG_SIDE), (200, 30, 30)).save(big)
+    bomb, reason = bad_images["bomb.png"]
+    max_decodes = 2
+    program = (
+        f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_web_api; "
+        f"test_web_api.upload_peak_rss({str(big)!r}, {str(bomb)!r}, copies=6, max_decodes={max_decodes})"
+    )
+    run = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    measured = json.loads(run.stdout.splitlines()[-1])
+    assert measured["statuses"] == [200] * 6 + [400]
+    assert reason in measured["bomb"] and "\n" not in measured["bomb"]
+    budget_mb = max_decodes * BIG_SIDE**2 * 4 / 2**20 + PEAK_SLACK_MB
+    assert measured["growth_mb"] < budget_mb, measured
+
+
 @pytest.mark.parametrize(
     "request_args",
     [
@@ -226,6 +290,89 @@ def test_encoder_of_another_model_is_refused(colour_index):
 def test_openapi_schema_lists_the_endpoints(client):
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/search", "/search/item/{item_id}", "/items/{item_id}/thumbnail", "/health"} <= set(paths)
+
+
+@pytest.mark.parametrize(
+    ("path", "method", "statuses"),
+    [
+        ("/search", "post", {"200", "400", "413", "422"}),
+        ("/search/item/{item_id}", "post", {"200", "400", "404", "413", "422"}),
+        ("/items/{item_id}/thumbnail", "get", {"200", "404", "413", "422"}),
+        ("/items/{item_id}/image", "get", {"200", "404", "413", "422"}),
+        ("/health", "get", {"200", "413"}),
+    ],
+)
+def test_openapi_documents_every_status_an_endpoint_answers(client, path, method, statuses):
+    """Regression: 413 (any body over the cap) was undocumented except on the searches, and the
+    original image's content type was not documented at all."""
+    responses = client.get("/openapi.json").json()["paths"][path][method]["responses"]
+    assert set(responses) == statuses
+    for status in statuses - {"200", "422"}:
+        assert responses[status]["content"]["application/json"]["schema"]["$ref"].endswith("/Problem")
+    assert responses["200"]["content"]
+
+
+def test_any_endpoint_refuses_a_body_over_the_cap_with_413(client):
+    response = client.request("GET", "/health", content=b"x" * 200_000)
+    assert response.status_code == 413 and "limit" in response.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    "request_args",
+    [
+        {"data": {"image": "x" * 50_000}},  # a form field, not a file
+        {"files": {"image": (None, "x" * 50_000)}},  # a multipart part without a file name
+    ],
+    ids=["urlencoded", "multipart-text-part"],
+)
+def test_text_instead_of_a_file_is_422_without_echoing_it(client, request_args):
+    """Regression: FastAPI's 422 repeated each error's input, here the whole would-be upload."""
+    response = client.post("/search", **request_args)
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"] == ["body", "image"]
+    assert "xxxxxxxx" not in response.text and len(response.content) < 1000
+
+
+def multipart(disposition: bytes, boundary: bytes = b"zz") -> bytes:
+    part = b"Content-Disposition: " + disposition + b"\r\nContent-Type: image/jpeg\r\n\r\n" + solid_jpeg(COLOURS["red"])
+    return b"--" + boundary + b"\r\n" + part + b"\r\n--" + boundary + b"--\r\n"
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "status", "query"),
+    [
+        (multipart(b'form-data; name="image"; filename="caf\xe9.jpg"'), "multipart/form-data; boundary=zz", 200,
+         "upload:caf\u00e9.jpg"),  # a Latin-1 byte, not UTF-8: read as Latin-1
+        (multipart(b'form-data; name="image"; filename="\xff\xfe.jpg"'), "multipart/form-data; boundary=zz", 200,
+         "upload:\u00ff\u00fe.jpg"),
+        (multipart(b"form-data; name=\"image\"; filename*=UTF-8''caf%C3%A9.jpg"), "multipart/form-data; boundary=zz",
+         422, None),  # RFC 5987 names are not read: no file name, so no file
+        (multipart(b'form-data; name="image"; filename="q.jpg"'), "multipart/form-data", 400, None),
+        (multipart(b'form-data; name="image"; filename="q.jpg"'), "multipart/form-data; boundary=other", 400, None),
+        (b"\xff" * 1000, "multipart/form-data; boundary=zz", 400, None),
+    ],
+    ids=["latin-1-name", "undecodable-name", "rfc5987-name", "no-boundary", "wrong-boundary", "garbage"],
+)
+def test_hostile_multipart_bodies_get_an_answer_not_a_crash(client, body, content_type, status, query):
+    response = client.post("/search", content=body, headers={"content-type": content_type})
+    assert response.status_code == status
+    if query is not None:
+        assert response.json()["query"] == query
+    elif status == 400:
+        assert "\n" not in response.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    "params",
+    [{"k": "9" * 5000}, {"ef": "9" * 40}, {"pca": "-" + "9" * 40}, {"alpha": "nan"}, {"alpha": "1e400"},
+     {"pca_power": "inf"}, {"dba": "1e3"}, {"score": "\x00"}],
+    ids=["k-5000-digits", "ef-40-digits", "pca-negative", "alpha-nan", "alpha-overflow", "power-inf", "dba-float",
+         "score-nul"],
+)
+def test_huge_or_odd_query_values_get_422(client, params):
+    response = client.post("/search/item/0", params=params)
+    assert response.status_code == 422
+    assert len(response.content) < 1000
 
 
 def test_page_and_its_assets_are_served(client):
@@ -319,6 +466,36 @@ def test_streamed_body_over_the_cap_is_refused_without_a_length(client):
     )
     assert response.status_code == 413
     assert "limit" in response.json()["detail"]
+
+
+def test_distinct_reranking_requests_keep_a_bounded_number_of_prepared_databases(colour_index):
+    """Regression: each new (pca, pca_power, dba, alpha) a client sent prepared, and kept for good,
+    another copy of the database (a PCA fit each): memory grew without bound."""
+    retriever = Retriever(colour_index, MeanColourEncoder())
+    with TestClient(create_app(retriever)) as client:
+        labels = [
+            client.post("/search/item/0", params={"dba": 1, "alpha": 1 + n / 10, "k": 1}).json()["results"][0]["label"]
+            for n in range(PREPARED_DATABASES + 4)
+        ]
+    assert labels == [colour_index.items[0].label] * (PREPARED_DATABASES + 4)
+    assert len(retriever._prepared) == PREPARED_DATABASES
+
+
+@pytest.mark.parametrize("limits", [{"max_upload_bytes": 0}, {"max_pixels": 0}, {"max_decodes": 0}])
+def test_app_refuses_limits_below_one(colour_index, limits):
+    with pytest.raises(ValueError, match=next(iter(limits))):
+        create_app(Retriever(colour_index, MeanColourEncoder()), **limits)
+
+
+@pytest.mark.parametrize("value", ["1e-9", "nan", "inf", "0"])
+def test_serve_refuses_an_upload_limit_under_one_byte_before_loading(value, tmp_path, capsys):
+    """Regression: --max-upload-mb 1e-9 came to a 0-byte limit, and the server started refusing everything."""
+    from fastret.cli.main import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main(["serve", "--index", str(tmp_path / "nothing"), "--max-upload-mb", value])
+    assert stopped.value.code == 2
+    assert "--max-upload-mb" in capsys.readouterr().err
 
 
 def test_serve_binds_to_loopback_by_default_and_refuses_a_missing_index(tmp_path, capsys):

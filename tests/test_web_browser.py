@@ -83,7 +83,7 @@ def test_upload_shows_ten_buildings_and_click_searches_again(wang1k_server, brow
     errors: list[str] = []
     page.on("pageerror", lambda error: errors.append(str(error)))
     page.goto(url)
-    page.wait_for_function("document.getElementById('health').textContent.includes('1000 images')")
+    page.wait_for_function("() => document.getElementById('health').textContent.includes('1000 images')")
 
     page.set_input_files("#file", str(wang1k / "buildings" / "299.jpg"))
     wait_for_results(page, 10)
@@ -96,8 +96,8 @@ def test_upload_shows_ten_buildings_and_click_searches_again(wang1k_server, brow
 
     clicked = page.locator("#results .path").all_text_contents()[1]
     page.locator("#results button").nth(1).click()
-    page.wait_for_function(f"document.getElementById('query-name').textContent === {clicked!r}")
-    page.wait_for_function("document.getElementById('status').textContent.startsWith('10 results in')")
+    page.wait_for_function(f"() => document.getElementById('query-name').textContent === {clicked!r}")
+    page.wait_for_function("() => document.getElementById('status').textContent.startsWith('10 results in')")
     wait_for_results(page, 10)
     assert clicked not in page.locator("#results .path").all_text_contents()
 

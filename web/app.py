@@ -15,11 +15,12 @@ import time
 from contextlib import asynccontextmanager
 from functools import lru_cache, partial
 from pathlib import Path
-from typing import Callable, Literal
+from typing import BinaryIO, Callable, Literal
 
 import numpy as np
 from fastapi import Depends, FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
@@ -29,6 +30,7 @@ from fastret.engine.decode import DEFAULT_SERVER_MAX_PIXELS, ImageError
 from fastret.engine.index import FORMAT_VERSION
 from fastret.engine.retrieval import SCORES, Hit, display_path
 from fastret.service.live import LiveRetriever
+from fastret.service.load import BackendUnavailable
 from fastret.service.search import MAX_K, Retriever, SearchOptions, combine_views, query_views, rerank_request
 from fastret.web import DEFAULT_MAX_DECODES, DEFAULT_MAX_UPLOAD_BYTES
 from fastret.web.batcher import DEFAULT_MAX_BATCH, MicroBatcher
@@ -59,10 +61,21 @@ class Problem(BaseModel):
 
 
 ERRORS = {
-    400: {"model": Problem, "description": "the query or an option cannot be used"},
+    400: {
+        "model": Problem,
+        "description": "the request is well formed but cannot be used: a body that is no multipart form, an "
+        "upload that is no decodable image or has more pixels than the server's cap (`--max-pixels`), or "
+        "options that do not combine (softmax with re-ranking)",
+    },
     404: {"model": Problem, "description": "no such item"},
-    413: {"model": Problem, "description": "the upload is too large"},
+    413: {"model": Problem, "description": "the request body exceeds the upload limit (`--max-upload-mb`)"},
 }
+"""Statuses with a one-line `detail`; 422 (a parameter out of its schema) is FastAPI's list of errors."""
+
+
+def problems(*statuses: int) -> dict:
+    """The OpenAPI responses of an endpoint: these statuses, plus 413 (every request body is capped)."""
+    return {status: ERRORS[status] for status in sorted({*statuses, 413})}
 
 
 class Timing(BaseModel):
@@ -97,7 +110,20 @@ class HealthOut(BaseModel):
     backend: str
     count: int
     index_format_version: int
-    index_version: str | None  # the version directory being served (it changes when the index is updated)
+    index_version: str | None = None  # the version directory served (it changes when the index is updated)
+    text_queries: bool = False  # POST /search/text works (a CLIP model with its text tower)
+    text_unavailable: str | None = None  # why it does not, in one line
+
+
+class TextQueryIn(BaseModel):
+    text: str  # what to find, e.g. "a red bus at night"; at most 1000 characters
+    negative: str | None = None  # words to subtract from the query, e.g. "people" (as `fastret search --not`)
+
+
+class TextSearchOut(SearchOut):
+    text: str
+    negative: str | None
+    notes: list[str]  # e.g. the words past the model's context length, which it did not read
 
 
 class BodyTooLarge:
@@ -143,12 +169,15 @@ def create_app(
     max_batch: int = DEFAULT_MAX_BATCH,
     max_decodes: int = DEFAULT_MAX_DECODES,
 ) -> FastAPI:
-    """The app over one search service, which must hold an encoder (uploads are embedded)."""
+    """The app over one search service, which must hold an encoder (uploads are embedded); each
+    request is answered by the service's `current()` Retriever, taken once (a LiveRetriever swaps in
+    new versions of the index)."""
     encoder = retriever.current().encoder
     if encoder is None:
         raise ValueError("the web app embeds uploads: open the search service with its encoder")
-    if max_decodes < 1:
-        raise ValueError(f"max_decodes must be >= 1, got {max_decodes}")
+    for name, value in (("max_upload_bytes", max_upload_bytes), ("max_pixels", max_pixels), ("max_decodes", max_decodes)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
     batcher = MicroBatcher(encoder, max_batch)
     decode_slots = asyncio.Semaphore(max_decodes)  # bounds the memory of uploads decoded at once
 
@@ -173,6 +202,13 @@ def create_app(
         response.headers.update(SECURITY_HEADERS)
         return response
 
+    @app.exception_handler(RequestValidationError)
+    async def validation_errors(_: Request, exc: RequestValidationError) -> JSONResponse:
+        """FastAPI's 422 less each error's `input` and `ctx`: never echo what was sent (an upload
+        sent as a text field would come back whole)."""
+        errors = [{key: error[key] for key in ("loc", "msg", "type")} for error in exc.errors()]
+        return JSONResponse({"detail": errors}, status_code=422)
+
     async def ranked(live: Retriever, search: Callable[[], list[Hit]], name: str, options: SearchOptions,
                      stamps: list[float], batch_size: int) -> SearchOut:
         """Run the search in the threadpool; stamps are perf_counter() at start, decoded and encoded."""
@@ -194,13 +230,16 @@ def create_app(
             ),
         )
 
-    def decode_upload(live: Retriever, data: bytes, filename: str) -> np.ndarray:
-        if not data:
+    def decode_upload(live: Retriever, upload: BinaryIO, filename: str) -> np.ndarray:
+        """Decode straight from the spooled upload: only the decoder's memory, not a copy of the body."""
+        size = upload.seek(0, io.SEEK_END)
+        upload.seek(0)
+        if size == 0:
             raise HTTPException(400, f"{filename}: empty upload (0 bytes)")
-        if len(data) > max_upload_bytes:
-            raise HTTPException(413, f"{filename}: {len(data):,} bytes exceeds the {max_upload_bytes:,}-byte limit")
+        if size > max_upload_bytes:
+            raise HTTPException(413, f"{filename}: {size:,} bytes exceeds the {max_upload_bytes:,}-byte limit")
         try:
-            return live.decode(io.BytesIO(data), max_pixels=max_pixels)
+            return live.decode(upload, max_pixels=max_pixels)
         except ImageError as exc:
             raise HTTPException(400, f"{filename}: {exc}") from None
         except Exception as exc:  # a hostile file must not reach a 500: Pillow plugins raise odd types
@@ -258,7 +297,7 @@ def create_app(
         except ValueError as exc:
             raise HTTPException(400, str(exc)) from None
 
-    @app.post("/search", response_model=SearchOut, responses=ERRORS,
+    @app.post("/search", response_model=SearchOut, responses=problems(400),
               summary="Search with an uploaded image (multipart field `image`)")
     async def search_upload(
         image: UploadFile = File(..., description="query image (JPEG, PNG, WebP, GIF, TIFF, BMP)"),
@@ -266,10 +305,9 @@ def create_app(
     ) -> SearchOut:
         stamps = [time.perf_counter()]
         live = retriever.current()
-        data = await image.read(max_upload_bytes + 1)
         name = display_path(image.filename or "upload")
         async with decode_slots:
-            pixels = await run_in_threadpool(decode_upload, live, data, name)
+            pixels = await run_in_threadpool(decode_upload, live, image.file, name)
         stamps.append(time.perf_counter())
         views = [await asyncio.wrap_future(batcher.submit(view[0])) for view in query_views(pixels[None], options.flip_tta)]
         embedding = combine_views([view.embedding[None] for view in views])[0]
@@ -280,7 +318,7 @@ def create_app(
     @app.post(
         "/search/item/{item_id}",
         response_model=SearchOut,
-        responses=ERRORS,
+        responses=problems(400, 404),
         summary="Search with an indexed item (its stored embedding); the item itself is left out unless include_self",
     )
     async def search_item(item_id: str, options: SearchOptions = Depends(search_options)) -> SearchOut:
@@ -289,23 +327,41 @@ def create_app(
         found = find_item(live, item_id)
         return await ranked(live, partial(live.search_item, found, options), f"item:{found}", options, [started] * 3, 0)
 
+    @app.post("/search/text", response_model=TextSearchOut, responses=ERRORS,
+              summary="Search with words (CLIP models): JSON body {text, negative}; options as query parameters")
+    async def search_text(query: TextQueryIn, options: SearchOptions = Depends(search_options)) -> TextSearchOut:
+        started = time.perf_counter()
+        live = retriever.current()
+        try:
+            made = await run_in_threadpool(live.text_query, query.text, options, negative=query.negative)
+        except (ValueError, BackendUnavailable) as exc:  # empty / too long text, or no text tower
+            raise HTTPException(400, str(exc)) from None
+        encoded = time.perf_counter()
+        search = partial(live.search_vector, made.vector, options, made.exclude)
+        texts = 1 + (query.negative is not None)  # embedded together, in one call of the text tower
+        out = (await ranked(live, search, made.description, options, [started, started, encoded], texts)).model_dump()
+        out["backend"] = live.text_encoder().backend
+        return TextSearchOut(**out, text=query.text, negative=query.negative, notes=list(made.notes))
+
     @app.get("/items/{item_id}/thumbnail", summary="JPEG thumbnail (at most 256 px) of an indexed item",
-             response_class=Response, responses={200: {"content": {"image/jpeg": {}}}, 404: ERRORS[404]})
+             response_class=Response, responses={200: {"content": {"image/jpeg": {}}}, **problems(404)})
     async def thumbnail(item_id: str) -> Response:
         live = retriever.current()
         jpeg = await run_in_threadpool(thumbnail_of, live, find_item(live, item_id))
         return Response(jpeg, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=60"})
 
     @app.get("/items/{item_id}/image", summary="The original file of an indexed item",
-             response_class=FileResponse, responses={404: ERRORS[404]})
+             response_class=FileResponse, responses={200: {"content": {"image/*": {}}}, **problems(404)})
     async def original(item_id: str) -> FileResponse:
         live = retriever.current()
         path = served_file(live, find_item(live, item_id))
         return FileResponse(path, headers={"Cache-Control": "private, max-age=60"})
 
-    @app.get("/health", response_model=HealthOut, summary="Model, item count and index format")
+    @app.get("/health", response_model=HealthOut, responses=problems(), summary="Model, item count and index format")
     async def health() -> HealthOut:
-        index = retriever.current().index
+        live = retriever.current()
+        index = live.index
+        text_unavailable = await run_in_threadpool(live.text_unavailable)
         return HealthOut(
             status="ok",
             version=__version__,
@@ -315,6 +371,8 @@ def create_app(
             count=len(index),
             index_format_version=FORMAT_VERSION,
             index_version=index.version_dir.name if index.version_dir is not None else None,
+            text_queries=text_unavailable is None,
+            text_unavailable=text_unavailable,
         )
 
     @app.get("/", include_in_schema=False)

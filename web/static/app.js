@@ -2,7 +2,7 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-let lastQuery = null; // {kind: "upload", file} or {kind: "item", id, path}
+let lastQuery = null; // {kind: "upload", file}, {kind: "item", id, path} or {kind: "text", text}
 
 function options() {
   const params = new URLSearchParams({
@@ -27,11 +27,11 @@ function setStatus(text, isError = false) {
   $("status").classList.toggle("error", isError);
 }
 
-async function run(url, body) {
+async function run(url, body, headers = {}) {
   setStatus("Searching…");
   document.body.classList.add("busy");
   try {
-    const response = await fetch(url, { method: "POST", body });
+    const response = await fetch(url, { method: "POST", body, headers });
     const data = await response.json().catch(() => ({}));
     if (!response.ok) {
       const detail = typeof data.detail === "string" ? data.detail : JSON.stringify(data.detail ?? response.statusText);
@@ -58,6 +58,16 @@ function searchItem(id, path) {
   lastQuery = { kind: "item", id, path };
   showQueryImage(`/items/${id}/thumbnail`, path);
   return run(`/search/item/${id}?${options()}`);
+}
+
+function searchText(text) {
+  if (!text.trim()) return;
+  lastQuery = { kind: "text", text };
+  const img = $("query-image");
+  img.hidden = true;
+  $("drop-hint").hidden = false;
+  $("query-name").textContent = `text: ${text}`;
+  return run(`/search/text?${options()}`, JSON.stringify({ text }), { "Content-Type": "application/json" });
 }
 
 function render(data) {
@@ -93,12 +103,14 @@ function firstImage(items) {
 function rerun() {
   if (lastQuery?.kind === "upload") searchFile(lastQuery.file);
   else if (lastQuery?.kind === "item") searchItem(lastQuery.id, lastQuery.path);
+  else if (lastQuery?.kind === "text") searchText(lastQuery.text);
 }
 
 async function showHealth() {
   try {
     const h = await (await fetch("/health")).json();
     $("health").textContent = `${h.count} images indexed with ${h.model} (${h.dim}-d, ${h.backend})`;
+    $("text-form").hidden = !h.text_queries;
   } catch {
     $("health").textContent = "server unreachable";
   }
@@ -120,5 +132,6 @@ window.addEventListener("DOMContentLoaded", () => {
     if (file) searchFile(file);
   });
   $("options").addEventListener("change", rerun);
+  $("text-form").addEventListener("submit", (e) => { e.preventDefault(); searchText($("text").value); });
   showHealth();
 });
