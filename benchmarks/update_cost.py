@@ -10,8 +10,9 @@ cost of an edit does not depend on the graph's quality). Then, in this process, 
 - `compact`: a compaction (one segment, a fresh graph);
 - `load`: Index.load after the edits (segments gathered into one array) and after compaction (mapped).
 
-A real index (`--real DIR`): `fastret index DIR` once (full), then 10 images copied in from
-`--pool` and 10 deleted, and `fastret index DIR` again as a fresh process, `--repeats` times.
+A real index (`--real DIR`): `fastret index DIR` once (full), then `--add` images (default 10)
+copied in from `--pool` and `--remove` (default 10) deleted, and `fastret index DIR` again as a
+fresh process, `--repeats` times.
 
 Bytes written are the new version's files that are not hard links of the previous version's (and,
 for in-process edits, the process's write() bytes from /proc/self/io).
@@ -20,6 +21,8 @@ for in-process edits, the process's write() bytes from /proc/self/io).
     python benchmarks/update_cost.py --real /tmp/scaled/db --pool /tmp/scaled/queries --work /tmp/uc
     python benchmarks/update_cost.py --synthetic 100000 --work /tmp/uc
     python benchmarks/update_cost.py --synthetic 1000000 --work /tmp/uc
+    python benchmarks/update_cost.py --real /tmp/wang980 --pool /tmp/wang20 --add 20 --remove 10 --repeats 1 \
+        --work /tmp/uc   # the acceptance check: wang1k less 20 images, then +20 / -10
 """
 
 from __future__ import annotations
@@ -163,8 +166,8 @@ def fastret(*argv: object) -> tuple[float, str]:
     return time.perf_counter() - started, done.stderr.strip().splitlines()[-1]
 
 
-def run_real(folder: Path, pool: Path, work: Path, repeats: int, model: str) -> dict:
-    """A copy of the folder (hard links), indexed, then edited by copying in / deleting EDIT images."""
+def run_real(folder: Path, pool: Path, work: Path, repeats: int, model: str, add: int, remove: int) -> dict:
+    """A copy of the folder, indexed, then edited by copying in `add` and deleting `remove` images."""
     root = work / "real"
     if root.exists():
         shutil.rmtree(root)
@@ -181,10 +184,12 @@ def run_real(folder: Path, pool: Path, work: Path, repeats: int, model: str) -> 
     edits = []
     for repeat in range(repeats):
         previous = inodes(live_version(index_dir))
-        for number, path in enumerate(spare[repeat * EDIT : (repeat + 1) * EDIT]):
+        victims = rng.choice(list_images(root), size=remove, replace=False)
+        for number, path in enumerate(spare[repeat * add : (repeat + 1) * add]):
             target = root / path.parent.name / f"added-{repeat}-{number}{path.suffix}"
+            target.parent.mkdir(exist_ok=True)
             shutil.copy2(path, target)
-        for path in rng.choice(list_images(root), size=EDIT, replace=False):
+        for path in victims:
             Path(path).unlink()
         seconds, line = fastret("index", root, "--out", index_dir, "-q")
         version = live_version(index_dir)
@@ -201,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ef-construction", type=int, default=40, help="synthetic graph build ef (default: 40)")
     parser.add_argument("--real", type=Path, help="a folder of images to index and edit (a copy is made)")
     parser.add_argument("--pool", type=Path, help="images copied into the real folder by the edits")
+    parser.add_argument("--add", type=int, default=EDIT, help="images each real edit copies in (default: %(default)s)")
+    parser.add_argument("--remove", type=int, default=EDIT, help="images each real edit deletes (default: %(default)s)")
     parser.add_argument("--model", default="efficientnet-lite2")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--work", type=Path, required=True, help="scratch folder for the indexes (large at 1M)")
@@ -211,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     results = []
     if args.real:
-        results.append(run_real(args.real.resolve(), args.pool, args.work, args.repeats, args.model))
+        results.append(run_real(args.real.resolve(), args.pool, args.work, args.repeats, args.model, args.add,
+                                args.remove))
     params = HnswParams(M=16, ef_construction=args.ef_construction)
     for count in args.synthetic:
         results.append(run_synthetic(count, args.dim, params, args.work, args.repeats))

@@ -465,7 +465,7 @@ def _layout(version: Path, manifest: dict) -> Layout:
     return Layout(segments, deleted, graph, graph_deleted, manifest["next_id"], manifest["next_name"])
 
 
-def _layout_files(manifest: dict) -> list[str]:
+def _layout_files(path: Path, manifest: dict) -> list[str]:
     """The files a manifest's layout needs (BadIndex when the layout is not described)."""
     if manifest["format_version"] == 1:
         return [EMBEDDINGS, ITEMS, HNSW]
@@ -475,7 +475,7 @@ def _layout_files(manifest: dict) -> list[str]:
         ]
         return [*names, manifest["graph"]["file"], DELETED, GRAPH_DELETED]
     except (KeyError, TypeError) as exc:
-        raise BadIndex(f"damaged index, bad layout ({type(exc).__name__}: {exc}); {REINDEX}") from None
+        raise BadIndex(f"{path}: damaged index, bad layout ({type(exc).__name__}: {exc}); {REINDEX}") from None
 
 
 def _read_ids(path: Path, count: int) -> np.ndarray:
@@ -1300,7 +1300,7 @@ def read_manifest(version: Path) -> dict:
     for key in ("count", "dim"):
         if not _is_count(manifest[key]):
             raise BadIndex(f"{path}: damaged index, {key} is {manifest[key]!r}, not a non-negative integer; {REINDEX}")
-    _check_file_table(path, manifest["files"], _layout_files(manifest))
+    _check_file_table(path, manifest["files"], _layout_files(path, manifest))
     return manifest
 
 
