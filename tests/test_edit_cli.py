@@ -192,7 +192,7 @@ def test_watch_follows_the_folder_and_ctrl_c_stops_it(gallery, indexed, tmp_path
         (gallery / "class0" / "0.png").unlink()
         started = time.monotonic()
         while len(Index.load(indexed)) != 14:
-            assert time.monotonic() - started < 20, lines
+            assert time.monotonic() - started < 60, lines  # generous: the CLI flow is under test, not speed
             time.sleep(0.1)
     finally:
         watcher.send_signal(signal.SIGINT)
