@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -182,24 +183,29 @@ def test_watch_follows_the_folder_and_ctrl_c_stops_it(gallery, indexed, tmp_path
     argv = [sys.executable, "-m", "fastret.cli.main", "watch", str(gallery), "--out", str(indexed), "--debounce",
             "0.3", "-q"]
     watcher = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
-    lines = []
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(line.rstrip("\n") for line in watcher.stderr), daemon=True)
+    reader.start()
+
+    def wait_for_line(predicate) -> None:
+        started = time.monotonic()
+        while not any(predicate(line) for line in list(lines)):
+            assert watcher.poll() is None, f"watch ended: {lines}"
+            assert time.monotonic() - started < 60, lines  # generous: the CLI flow is under test, not speed
+            time.sleep(0.05)
+
     try:
-        while not any(line.startswith("watching ") for line in lines):
-            lines.append(watcher.stderr.readline())
-            assert lines[-1], f"watch ended: {lines}"
+        wait_for_line(lambda line: line.startswith("watching "))
         for n in range(3):
             random_image(gallery / "class4" / f"{n}.png", seed=80 + n)
         (gallery / "class0" / "0.png").unlink()
-        started = time.monotonic()
-        while len(Index.load(indexed)) != 14:
-            assert time.monotonic() - started < 60, lines  # generous: the CLI flow is under test, not speed
-            time.sleep(0.1)
+        wait_for_line(lambda line: line[:2].isdigit() and line.endswith(", 14 items)"))  # a batch line
     finally:
         watcher.send_signal(signal.SIGINT)
-        _, rest = watcher.communicate(timeout=60)
-    lines += rest.splitlines()
+        watcher.wait(timeout=60)
+        reader.join(timeout=60)
     assert watcher.returncode == 0, lines
-    assert any("added 3" in line or "removed 1" in line for line in lines if line[:2].isdigit())
+    assert len(Index.load(indexed)) == 14 and "class0/0.png" not in paths_of(indexed)
     assert lines[-1].startswith("stopped watching ")
     assert verify_index(indexed) == []
 
