@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 from fastret.cli.options import add_runtime_options, int_in, positive_float
 from fastret.engine.decode import IMAGE_SUFFIXES, Skipped, list_images
@@ -234,9 +235,7 @@ def cmd_compact(args: argparse.Namespace) -> int:
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
-    from fastret.cli.main import cmd_index  # the first pass is `fastret index DIR --out INDEX` itself
-
-    code = cmd_index(args)
+    code = args.index_job(args)  # the first pass is `fastret index DIR --out INDEX` itself
     if code:
         return code
     state = IndexState.read(args.out)
@@ -265,9 +264,14 @@ def batch_line(index_dir: Path, batch: Batch) -> str:
     return f"{time.strftime('%H:%M:%S')} {done.summary()}{waiting} {where}"
 
 
-def register(commands: argparse._SubParsersAction) -> None:
-    from fastret.cli.main import add_index_options  # defined next to `fastret index`, which imports this module
-
+def register(
+    commands: argparse._SubParsersAction,
+    *,
+    add_index_options: Callable[[argparse.ArgumentParser], None],
+    index_job: Callable[[argparse.Namespace], int],
+) -> None:
+    """Add add / remove / compact / watch; `fastret watch` takes `fastret index`'s options and runs
+    its job first (both passed in by cli/main.py, which defines them, so neither module imports the other)."""
     add = commands.add_parser("add", help="embed images into an index: files under its root, or copies (--copy-into)")
     add.add_argument("index", type=Path, help="index directory")
     add.add_argument("paths", nargs="+", type=Path, help="image files or folders under the index root")
@@ -299,4 +303,4 @@ def register(commands: argparse._SubParsersAction) -> None:
     add_index_options(watch)
     watch.add_argument("--debounce", type=positive_float, default=DEFAULT_DEBOUNCE_S,
                        help="seconds of quiet before a batch of changes is applied (default: %(default)s)")
-    watch.set_defaults(run=cmd_watch)
+    watch.set_defaults(run=cmd_watch, index_job=index_job)

@@ -204,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Sub-commands that live in their own modules register below, one line each.
     evaluate.register(commands)
     serve.register(commands)
-    edit.register(commands)
+    edit.register(commands, add_index_options=add_index_options, index_job=cmd_index)
     return parser
 
 
