@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from fastret import __version__
-from fastret.cli import evaluate, serve
+from fastret.cli import duplicates, evaluate, serve
 from fastret.cli.options import add_runtime_options, add_search_options, int_in, search_options
 from fastret.engine.decode import ImageError, list_images
 from fastret.engine.encoders import describe_runtime
@@ -161,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Sub-commands that live in their own modules register below, one line each.
     evaluate.register(commands)
     serve.register(commands)
+    duplicates.register(commands)
     return parser
 
 
