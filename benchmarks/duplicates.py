@@ -387,12 +387,14 @@ def evaluate(src: Path, work: Path, originals: int, seed: int, thresholds: list[
 
 
 def choose_auto(runs: list[dict]) -> dict:
-    """The threshold the finder should default to: best overall F1 among those whose groups never
-    hold two different originals (ties: the stricter threshold)."""
-    clean = [run for run in runs if not run["mixed_groups"]]
-    if not clean:
+    """The threshold the finder should default to: the lowest from which on no group holds two
+    different originals (except the allowed pairs), then one step stricter, as a margin for
+    photo libraries whose similar shots come closer than wang1k's."""
+    runs = sorted(runs, key=lambda run: run["threshold"])
+    clean_from = next((k for k in range(len(runs)) if not any(run["mixed_groups"] for run in runs[k:])), None)
+    if clean_from is None:
         raise SystemExit("no threshold keeps different originals apart; extend --thresholds")
-    return max(clean, key=lambda run: (run["rows"]["overall"]["f1"], run["threshold"]))
+    return runs[min(clean_from + 1, len(runs) - 1)]
 
 
 def time_scaled(index_dir: Path, repeats: int) -> dict:

@@ -19,7 +19,7 @@ import os
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -33,7 +33,7 @@ NEIGHBOURS = 10
 """Candidates proposed per image (its nearest neighbours in the index)."""
 MIN_COSINE = 0.5
 """Candidates less similar than this are not verified: no copy in the benchmark is below it."""
-AUTO_THRESHOLD = 0.6
+AUTO_THRESHOLD = 0.75
 """Least pixel agreement of a near-duplicate at `--threshold auto` (chosen by benchmarks/duplicates.py)."""
 
 THUMB_SIDE = 96  # verification works on grey thumbnails whose longer side is this
@@ -46,6 +46,7 @@ RANSAC_PIXELS = 3.0
 RANSAC_ITERATIONS = 100  # finds a transform held by a third of 12 matches with p > 0.9999
 MAX_ROTATION_DEGREES = 20.0
 MAX_SCALE = 3.0  # between the two thumbnails, both THUMB_SIDE long
+SAME_SHAPE = 0.03  # aspect ratios this close (relatively): the thumbnails may frame the same view
 MIN_OVERLAP = 0.35  # of each image, once aligned
 SMOOTHING = 0.7  # pixels (Gaussian sigma) at the compared resolution
 GRID = 4  # agreement is checked in GRID x GRID blocks
@@ -139,7 +140,7 @@ def candidate_pairs(
         queries = rows[start : start + batch_size]
         vectors = np.asarray(embeddings[queries], dtype=np.float32)
         found = search(vectors, min(neighbours + 1, len(embeddings)))
-        for query, vector, row in zip(queries, vectors, found):
+        for query, vector, row in zip(queries.tolist(), vectors, found):
             others = np.array([int(j) for j in row if 0 <= j != query and wanted[j]], dtype=np.int64)
             if not len(others):
                 continue
@@ -159,20 +160,24 @@ def candidate_pairs(
 # --- pixel verification -------------------------------------------------------------------------
 
 
-@dataclass
+Keypoints = tuple[np.ndarray, "np.ndarray | None"]  # (n, 2) float32 positions, (n, 32) uint8 ORB descriptors
+
+
 class PixelFeatures:
-    """A grey thumbnail with uniform borders trimmed, and its ORB keypoints (mirrored ones on demand)."""
+    """A grey thumbnail with uniform borders trimmed, and its ORB keypoints, plain and mirrored,
+    each found when first needed (a copy of the same shape may never need them)."""
 
-    thumb: np.ndarray  # (h, w) uint8
-    points: np.ndarray  # (n, 2) float32
-    descriptors: np.ndarray | None  # (n, 32) uint8
-    _mirrored: tuple[np.ndarray, np.ndarray | None] | None = field(default=None, repr=False)
+    def __init__(self, thumb: np.ndarray) -> None:
+        self.thumb = thumb  # (h, w) uint8
+        self._keypoints: dict[bool, Keypoints] = {}
 
-    def mirrored(self) -> tuple[np.ndarray, np.ndarray | None]:
-        """Keypoints of the mirror image, in mirrored coordinates (computed once)."""
-        if self._mirrored is None:
-            self._mirrored = _orb(np.ascontiguousarray(self.thumb[:, ::-1]))
-        return self._mirrored
+    def view(self, mirrored: bool) -> np.ndarray:
+        return np.ascontiguousarray(self.thumb[:, ::-1]) if mirrored else self.thumb
+
+    def keypoints(self, mirrored: bool) -> Keypoints:
+        if mirrored not in self._keypoints:  # two threads may both compute it: same result
+            self._keypoints[mirrored] = _orb(self.view(mirrored))
+        return self._keypoints[mirrored]
 
 
 @dataclass(frozen=True)
@@ -180,7 +185,6 @@ class PixelMatch:
     """How two images align: `agreement` 1 = the same pixels, 0 = as unlike as unrelated images."""
 
     agreement: float
-    inliers: int
     mirrored: bool
 
 
@@ -214,7 +218,7 @@ def _leading(flags: np.ndarray, limit: int) -> int:
 
 
 def pixel_features(path: Path, facts: FileFacts, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> PixelFeatures:
-    """Decode small (EXIF orientation applied), trim borders, find keypoints; raises ImageError.
+    """Decode small (EXIF orientation applied) and trim borders; raises ImageError.
 
     JPEGs decode reduced in the DCT domain to no less than the thumbnail needs.
     """
@@ -225,16 +229,14 @@ def pixel_features(path: Path, facts: FileFacts, *, max_pixels: int = DEFAULT_MA
     if scale < 1:
         size = (max(1, round(grey.width * scale)), max(1, round(grey.height * scale)))
         grey = grey.resize(size, Image.Resampling.BILINEAR)
-    thumb = trim_uniform_border(np.asarray(grey))
-    points, descriptors = _orb(thumb)
-    return PixelFeatures(np.ascontiguousarray(thumb), points, descriptors)
+    return PixelFeatures(np.ascontiguousarray(trim_uniform_border(np.asarray(grey))))
 
 
 def facts_and_features(
     paths: Sequence[Path], *, workers: int = 2, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> list[tuple[FileFacts, PixelFeatures] | ImageError]:
-    """file_facts and pixel_features of each path (decoding and ORB run outside the GIL); a
-    file that cannot be read gives its ImageError instead."""
+    """file_facts and pixel_features of each path (decoding runs outside the GIL); a file that
+    cannot be read gives its ImageError instead."""
 
     def one(path: Path) -> tuple[FileFacts, PixelFeatures] | ImageError:
         try:
@@ -254,14 +256,20 @@ def facts_and_features(
 def match_pixels(
     a: PixelFeatures, b: PixelFeatures, *, mirrored: bool = True, enough: float = 1.0
 ) -> PixelMatch | None:
-    """The best alignment of b onto a, or None; onto a's mirror image too when `mirrored`, unless
-    the plain alignment already agrees `enough`."""
-    found = _aligned(a.thumb, (a.points, a.descriptors), b, mirrored=False)
-    if mirrored and (found is None or found.agreement < enough):
-        flipped = _aligned(np.ascontiguousarray(a.thumb[:, ::-1]), a.mirrored(), b, mirrored=True)
-        if flipped is not None and (found is None or flipped.agreement > found.agreement):
-            return flipped
-    return found
+    """The best alignment of b onto a (onto a's mirror image too when `mirrored`), or None.
+
+    Cheapest first, stopping once one agrees `enough`: the two thumbnails as they are when they
+    have one shape (a resized, re-saved or brightened copy), then keypoint alignment.
+    """
+    best: PixelMatch | None = None
+    for flipped in (False, True) if mirrored else (False,):
+        for align in (_same_frame, _aligned):
+            found = align(a, b, flipped)
+            if found is not None and (best is None or found.agreement > best.agreement):
+                best = found
+            if best is not None and best.agreement >= enough:
+                return best
+    return best
 
 
 def is_duplicate(a: PixelFeatures, b: PixelFeatures, threshold: float, *, mirrored: bool = True) -> PixelMatch | None:
@@ -270,19 +278,29 @@ def is_duplicate(a: PixelFeatures, b: PixelFeatures, threshold: float, *, mirror
     return found if found is not None and found.agreement >= threshold else None
 
 
-def _aligned(
-    thumb: np.ndarray, keypoints: tuple[np.ndarray, np.ndarray | None], b: PixelFeatures, *, mirrored: bool
-) -> PixelMatch | None:
+def _same_frame(a: PixelFeatures, b: PixelFeatures, mirrored: bool) -> PixelMatch | None:
+    """Agreement of the thumbnails laid on each other, when their shapes say they frame the same view."""
+    (height_a, width_a), (height_b, width_b) = a.thumb.shape, b.thumb.shape
+    if abs(width_a * height_b - width_b * height_a) > SAME_SHAPE * width_a * height_b:
+        return None
+    transform = np.array([[width_b / width_a, 0, 0], [0, height_b / height_a, 0]])
+    agreement = _agreement(a.view(mirrored), b.thumb, transform)
+    return None if agreement is None else PixelMatch(agreement, mirrored)
+
+
+def _aligned(a: PixelFeatures, b: PixelFeatures, mirrored: bool) -> PixelMatch | None:
+    """Agreement once b is aligned on a (or a's mirror image) by ORB keypoint matches and RANSAC."""
     import cv2
 
-    points, descriptors = keypoints
-    if descriptors is None or b.descriptors is None or len(descriptors) < MIN_INLIERS or len(b.descriptors) < MIN_INLIERS:
+    points, descriptors = a.keypoints(mirrored)
+    b_points, b_descriptors = b.keypoints(False)
+    if descriptors is None or b_descriptors is None or min(len(descriptors), len(b_descriptors)) < MIN_INLIERS:
         return None
-    matches = [m for m in _matcher().match(descriptors, b.descriptors) if m.distance <= MAX_HAMMING]
+    matches = [m for m in _matcher().match(descriptors, b_descriptors) if m.distance <= MAX_HAMMING]
     if len(matches) < MIN_INLIERS:
         return None
     source = points[[m.queryIdx for m in matches]]
-    target = b.points[[m.trainIdx for m in matches]]
+    target = b_points[[m.trainIdx for m in matches]]
     transform, inliers = cv2.estimateAffinePartial2D(
         source, target, method=cv2.RANSAC, ransacReprojThreshold=RANSAC_PIXELS, maxIters=RANSAC_ITERATIONS
     )
@@ -292,8 +310,8 @@ def _aligned(
     rotation = math.degrees(math.atan2(transform[1, 0], transform[0, 0]))
     if not (1 / MAX_SCALE <= scale <= MAX_SCALE) or abs(rotation) > MAX_ROTATION_DEGREES:
         return None
-    agreement = _agreement(thumb, b.thumb, transform)
-    return None if agreement is None else PixelMatch(agreement, int(inliers.sum()), mirrored)
+    agreement = _agreement(a.view(mirrored), b.thumb, transform)
+    return None if agreement is None else PixelMatch(agreement, mirrored)
 
 
 def _agreement(a: np.ndarray, b: np.ndarray, transform: np.ndarray) -> float | None:
@@ -335,7 +353,7 @@ def _agreement(a: np.ndarray, b: np.ndarray, transform: np.ndarray) -> float | N
 _EDGE = np.ones((3, 3), np.uint8)  # the overlap's outer pixel mixes in what lies outside
 
 
-def _orb(thumb: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+def _orb(thumb: np.ndarray) -> Keypoints:
     keypoints, descriptors = _detector().detectAndCompute(thumb, None)
     points = np.array([k.pt for k in keypoints], dtype=np.float32).reshape(-1, 2)
     return points, descriptors
