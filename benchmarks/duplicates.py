@@ -13,7 +13,7 @@ each hash at its best threshold on this set. "overall" leaves out the flip copie
 a category of their own); a category's row is the pairs that hold a copy of that category.
 
     python benchmarks/duplicates.py [--originals 100] [--seed 0] [--check-seed 1]
-        [--scaled-index /tmp/fastret-scaled-index]
+        [--scaled-index /tmp/fastret-scaled-index [--scaled-only]]
 
 --scaled-index times `fastret duplicates INDEX --json` on an existing index (the 10,000-image
 augmented set of make_scaled_set.py, indexed with `fastret index`).
@@ -449,11 +449,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9])
     parser.add_argument("--no-hashes", action="store_true", help="fastret only (the hashes take minutes)")
     parser.add_argument("--scaled-index", type=Path, default=None, help="time `fastret duplicates` on this index")
+    parser.add_argument("--scaled-only", action="store_true", help="only the --scaled-index timing")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--work", type=Path, default=Path("/tmp/fastret-duplicates"), help="sets, indexes, hash cache")
     parser.add_argument("--out", type=Path, default=OUT / "duplicates")
     parser.add_argument("--plot", type=Path, default=REPO / "docs" / "duplicates-pr.png")
     args = parser.parse_args(argv)
+    if args.scaled_only:
+        if args.scaled_index is None:
+            parser.error("--scaled-only needs --scaled-index")
+        write_json(args.out / "duplicates-scaled.json",
+                   {"command": " ".join(sys.argv), "machine": machine(), "scaled": time_scaled(args.scaled_index, args.repeats)})
+        return 0
 
     result = evaluate(args.src, args.work, args.originals, args.seed, args.thresholds, not args.no_hashes)
     auto = choose_auto(result["fastret"])

@@ -2,7 +2,7 @@
 
 The gallery is a few wang1k photos plus copies of some of them made here (resized, cropped,
 brightened, mirrored), indexed with the bundled model. Needs /usr/bin/chromium and playwright
-(skips with the reason otherwise), as tests/test_web_browser.py. Set
+(skips with the reason otherwise): the `browser` and `live_server` fixtures of conftest.py. Set
 FASTRET_DUPLICATES_SCREENSHOT=PATH to keep the screenshot (docs/web-duplicates.png is made this way).
 """
 
@@ -10,22 +10,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import threading
-import time
-from pathlib import Path
 
 import pytest
 from PIL import Image, ImageEnhance
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run", "--disable-sync"]
-
 pytestmark = pytest.mark.data
-uvicorn = pytest.importorskip("uvicorn", reason="the web extra is not installed: pip install 'fastret[web]'")
-sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (dev extra)")
-
+pytest.importorskip("uvicorn", reason="the web extra is not installed: pip install 'fastret[web]'")
+pytest.importorskip("playwright.sync_api", reason="playwright is not installed (dev extra)")
 ORIGINALS = ["beach/117.jpg", "buses/330.jpg", "flowers/640.jpg", "horses/705.jpg", "mountains/837.jpg", "food/918.jpg",
              "food/924.jpg", "elephants/521.jpg", "elephants/564.jpg"]
 COPIES = {  # original -> {copy name: how it is made}
@@ -37,7 +28,7 @@ COPIES = {  # original -> {copy name: how it is made}
 
 
 @pytest.fixture(scope="module")
-def duplicates_server(wang1k, bundled_onnx, tmp_path_factory):
+def duplicates_server(wang1k, bundled_onnx, live_server, tmp_path_factory):
     from fastret.engine.retrieval import build_index
     from fastret.service.search import Retriever
     from fastret.web.app import create_app
@@ -50,29 +41,8 @@ def duplicates_server(wang1k, bundled_onnx, tmp_path_factory):
             for name, make in copies.items():
                 make(img.convert("RGB")).save(gallery / name, quality=60)
     index, _ = build_index(gallery, bundled_onnx)
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(Retriever(index, bundled_onnx)), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{listener.getsockname()[1]}"
-    server.should_exit = True
-    thread.join(timeout=10)
-    listener.close()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not CHROMIUM.is_file():
-        pytest.skip(f"{CHROMIUM} is absent: install it with `apt-get install chromium` (.ci/run does)")
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
-        yield browser
-        browser.close()
+    with live_server(create_app(Retriever(index, bundled_onnx))) as url:
+        yield url
 
 
 def test_duplicates_view_shows_each_group_with_the_kept_photo_first(duplicates_server, browser, tmp_path):
