@@ -132,24 +132,27 @@ def candidate_pairs(
     One batched search per `batch_size` queries; the cosines are recomputed from the embeddings,
     so they do not depend on how the search scored.
     """
-    wanted = np.zeros(len(embeddings), dtype=bool)
-    wanted[list(rows)] = True
-    cosine_of: dict[tuple[int, int], float] = {}
     rows = np.asarray(rows, dtype=np.int64)
+    wanted = np.zeros(len(embeddings), dtype=bool)
+    wanted[rows] = True
+    found_pairs, found_cosines = [], []
     for start in range(0, len(rows), batch_size):
         queries = rows[start : start + batch_size]
         vectors = np.asarray(embeddings[queries], dtype=np.float32)
-        found = search(vectors, min(neighbours + 1, len(embeddings)))
-        for query, vector, row in zip(queries.tolist(), vectors, found):
-            others = np.array([int(j) for j in row if 0 <= j != query and wanted[j]], dtype=np.int64)
-            if not len(others):
-                continue
-            cosines = np.asarray(embeddings[others], dtype=np.float32) @ vector
-            for other, cosine in zip(others.tolist(), cosines.tolist()):
-                if cosine >= min_cosine:
-                    cosine_of[(min(query, other), max(query, other))] = cosine
+        found = np.asarray(search(vectors, min(neighbours + 1, len(embeddings))), dtype=np.int64)
+        usable = (found >= 0) & (found != queries[:, None])
+        usable[usable] = wanted[found[usable]]
+        query_at, column = np.nonzero(usable)
+        others = found[query_at, column]
+        cosines = np.einsum("ij,ij->i", vectors[query_at], np.asarray(embeddings[others], dtype=np.float32))
+        close = cosines >= min_cosine
+        pair = np.stack([queries[query_at], others], axis=1)[close]
+        found_pairs.append(np.sort(pair, axis=1))
+        found_cosines.append(cosines[close])
+    pairs, first = np.unique(np.concatenate(found_pairs), axis=0, return_index=True)
+    cosines = np.concatenate(found_cosines)[first]
     candidates: dict[int, list[tuple[int, float]]] = {}
-    for (a, b), cosine in cosine_of.items():
+    for (a, b), cosine in zip(pairs.tolist(), cosines.tolist()):
         candidates.setdefault(a, []).append((b, cosine))
         candidates.setdefault(b, []).append((a, cosine))
     for listed in candidates.values():
