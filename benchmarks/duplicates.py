@@ -387,14 +387,12 @@ def evaluate(src: Path, work: Path, originals: int, seed: int, thresholds: list[
 
 
 def choose_auto(runs: list[dict]) -> dict:
-    """The threshold the finder should default to: the lowest from which on no group holds two
-    different originals (except the allowed pairs), then one step stricter, as a margin for
-    photo libraries whose similar shots come closer than wang1k's."""
-    runs = sorted(runs, key=lambda run: run["threshold"])
-    clean_from = next((k for k in range(len(runs)) if not any(run["mixed_groups"] for run in runs[k:])), None)
-    if clean_from is None:
+    """The threshold the finder should default to: the best overall F1 among the thresholds at
+    which no group holds two different originals (except the allowed pairs); ties: the stricter."""
+    clean = [run for run in runs if not run["mixed_groups"]]
+    if not clean:
         raise SystemExit("no threshold keeps different originals apart; extend --thresholds")
-    return runs[min(clean_from + 1, len(runs) - 1)]
+    return max(clean, key=lambda run: (run["rows"]["overall"]["f1"], run["threshold"]))
 
 
 def time_scaled(index_dir: Path, repeats: int) -> dict:

@@ -33,7 +33,7 @@ NEIGHBOURS = 10
 """Candidates proposed per image (its nearest neighbours in the index)."""
 MIN_COSINE = 0.5
 """Candidates less similar than this are not verified: no copy in the benchmark is below it."""
-AUTO_THRESHOLD = 0.75
+AUTO_THRESHOLD = 0.7
 """Least pixel agreement of a near-duplicate at `--threshold auto` (chosen by benchmarks/duplicates.py)."""
 
 THUMB_SIDE = 96  # verification works on grey thumbnails whose longer side is this
