@@ -133,7 +133,7 @@ def open_for_duplicates(
     log: Log = lambda _: None,
 ) -> Retriever:
     """An index directory as it is (no encoder: nothing is embedded), or a folder indexed in memory."""
-    path = Path(path)
+    path = Path(path).expanduser()
     if (path / CURRENT).exists():
         return Retriever(Index.load(path))
     if not path.is_dir():
