@@ -40,13 +40,15 @@ THUMB_SIDE = 96  # verification works on grey thumbnails whose longer side is th
 ORB_FEATURES = 100
 ORB_PATCH = 11  # pixels: ORB's default 31 leaves too little of a 96-pixel thumbnail
 ORB_LEVELS = 3  # thumbnails have one size, so copies differ in scale by little
-MAX_HAMMING = 64  # of 256 bits: a keypoint match further apart is noise
+MAX_HAMMING = 48  # of 256 bits: a keypoint match further apart is noise
 MIN_INLIERS = 12  # keypoint matches consistent with one transform
 RANSAC_PIXELS = 3.0
 RANSAC_ITERATIONS = 100  # finds a transform held by a third of 12 matches with p > 0.9999
 MAX_ROTATION_DEGREES = 20.0
 MAX_SCALE = 3.0  # between the two thumbnails, both THUMB_SIDE long
 SAME_SHAPE = 0.03  # aspect ratios this close (relatively): the thumbnails may frame the same view
+SKETCH = 8  # same-shape thumbnails are compared in full only when their SKETCH x SKETCH block means
+SKETCH_CORRELATION = 0.8  # correlate at least this well (a copy's do: near 1)
 MIN_OVERLAP = 0.35  # of each image, once aligned
 SMOOTHING = 0.7  # pixels (Gaussian sigma) at the compared resolution
 GRID = 4  # agreement is checked in GRID x GRID blocks
@@ -173,6 +175,16 @@ class PixelFeatures:
     def __init__(self, thumb: np.ndarray) -> None:
         self.thumb = thumb  # (h, w) uint8
         self._keypoints: dict[bool, Keypoints] = {}
+        self._sketch: np.ndarray | None = None
+
+    def sketch(self, mirrored: bool) -> np.ndarray:
+        """The thumbnail as SKETCH x SKETCH block means, standardised: a cheap first look at a pair."""
+        if self._sketch is None:
+            import cv2
+
+            blocks = cv2.resize(self.thumb.astype(np.float32), (SKETCH, SKETCH), interpolation=cv2.INTER_AREA)
+            self._sketch = ((blocks - blocks.mean()) / (blocks.std() + 1e-3)).ravel()
+        return self._sketch.reshape(SKETCH, SKETCH)[:, ::-1].ravel() if mirrored else self._sketch
 
     def view(self, mirrored: bool) -> np.ndarray:
         return np.ascontiguousarray(self.thumb[:, ::-1]) if mirrored else self.thumb
@@ -286,6 +298,8 @@ def _same_frame(a: PixelFeatures, b: PixelFeatures, mirrored: bool) -> PixelMatc
     (height_a, width_a), (height_b, width_b) = a.thumb.shape, b.thumb.shape
     if abs(width_a * height_b - width_b * height_a) > SAME_SHAPE * width_a * height_b:
         return None
+    if float(a.sketch(mirrored) @ b.sketch(False)) < SKETCH_CORRELATION * SKETCH * SKETCH:
+        return None  # not the same view, at a glance
     transform = np.array([[width_b / width_a, 0, 0], [0, height_b / height_a, 0]])
     agreement = _agreement(a.view(mirrored), b.thumb, transform)
     return None if agreement is None else PixelMatch(agreement, mirrored)
@@ -305,16 +319,30 @@ def _aligned(a: PixelFeatures, b: PixelFeatures, mirrored: bool) -> PixelMatch |
     source = points[[m.queryIdx for m in matches]]
     target = b_points[[m.trainIdx for m in matches]]
     transform, inliers = cv2.estimateAffinePartial2D(
-        source, target, method=cv2.RANSAC, ransacReprojThreshold=RANSAC_PIXELS, maxIters=RANSAC_ITERATIONS
+        source, target, method=cv2.RANSAC, ransacReprojThreshold=RANSAC_PIXELS, maxIters=RANSAC_ITERATIONS,
+        refineIters=0,  # refined below, only when it will be used
     )
     if transform is None or int(inliers.sum()) < MIN_INLIERS:
         return None
+    held = inliers.ravel().astype(bool)
+    transform = _similarity_fit(source[held], target[held])
     scale = math.hypot(transform[0, 0], transform[1, 0])
     rotation = math.degrees(math.atan2(transform[1, 0], transform[0, 0]))
     if not (1 / MAX_SCALE <= scale <= MAX_SCALE) or abs(rotation) > MAX_ROTATION_DEGREES:
         return None
     agreement = _agreement(a.view(mirrored), b.thumb, transform)
     return None if agreement is None else PixelMatch(agreement, mirrored)
+
+
+def _similarity_fit(source: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """The least-squares similarity transform (rotation, one scale, shift) taking source points to target points."""
+    source_mean, target_mean = source.mean(axis=0), target.mean(axis=0)
+    s, t = (source - source_mean).astype(np.float64), (target - target_mean).astype(np.float64)
+    norm = float((s * s).sum())
+    cos = float((s * t).sum()) / norm
+    sin = float((s[:, 0] * t[:, 1] - s[:, 1] * t[:, 0]).sum()) / norm
+    rotation = np.array([[cos, -sin], [sin, cos]])
+    return np.hstack([rotation, (target_mean - rotation @ source_mean)[:, None]])
 
 
 def _agreement(a: np.ndarray, b: np.ndarray, transform: np.ndarray) -> float | None:
