@@ -27,7 +27,7 @@ def register(commands) -> None:
         help="auto (measured, see README) or the least pixel agreement of a near-duplicate, in (0, 1]: higher is stricter",
     )
     parser.add_argument("--no-mirrored", action="store_true", help="do not count mirror images as duplicates")
-    parser.add_argument("--neighbours", type=int_in(1, 100), default=None, help="candidates per image (default: 10)")
+    parser.add_argument("--neighbours", type=int_in(1, 100), default=None, help="candidates per image from the index (default: 6)")
     output = parser.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="machine-readable report")
     output.add_argument("--csv", action="store_true", help="one row per file of each group")

@@ -29,7 +29,7 @@ from PIL import Image
 from fastret.engine.decode import DEFAULT_MAX_PIXELS, ImageError, decode_rgb
 from fastret.engine.files import sha256_files
 
-NEIGHBOURS = 10
+NEIGHBOURS = 6
 """Candidates proposed per image (its nearest neighbours in the index)."""
 MIN_COSINE = 0.5
 """Candidates less similar than this are not verified: no copy in the benchmark is below it."""
@@ -39,7 +39,8 @@ AUTO_THRESHOLD = 0.7
 THUMB_SIDE = 96  # verification works on grey thumbnails whose longer side is this
 ORB_FEATURES = 100
 ORB_PATCH = 11  # pixels: ORB's default 31 leaves too little of a 96-pixel thumbnail
-ORB_LEVELS = 3  # thumbnails have one size, so copies differ in scale by little
+ORB_LEVELS = 2  # thumbnails have one size, so copies differ in scale by little
+ORB_FAST = 10  # FAST corner threshold (grey levels)
 MAX_HAMMING = 48  # of 256 bits: a keypoint match further apart is noise
 MIN_INLIERS = 12  # keypoint matches consistent with one transform
 RANSAC_PIXELS = 3.0
@@ -175,6 +176,7 @@ class PixelFeatures:
     def __init__(self, thumb: np.ndarray) -> None:
         self.thumb = thumb  # (h, w) uint8
         self._keypoints: dict[bool, Keypoints] = {}
+        self._finding = threading.Lock()  # a representative is verified against several rows at once
         self._sketch: np.ndarray | None = None
 
     def sketch(self, mirrored: bool) -> np.ndarray:
@@ -190,9 +192,10 @@ class PixelFeatures:
         return np.ascontiguousarray(self.thumb[:, ::-1]) if mirrored else self.thumb
 
     def keypoints(self, mirrored: bool) -> Keypoints:
-        if mirrored not in self._keypoints:  # two threads may both compute it: same result
-            self._keypoints[mirrored] = _orb(self.view(mirrored))
-        return self._keypoints[mirrored]
+        with self._finding:
+            if mirrored not in self._keypoints:
+                self._keypoints[mirrored] = _orb(self.view(mirrored))
+            return self._keypoints[mirrored]
 
 
 @dataclass(frozen=True)
@@ -385,9 +388,10 @@ _EDGE = np.ones((3, 3), np.uint8)  # the overlap's outer pixel mixes in what lie
 
 
 def _orb(thumb: np.ndarray) -> Keypoints:
+    import cv2
+
     keypoints, descriptors = _detector().detectAndCompute(thumb, None)
-    points = np.array([k.pt for k in keypoints], dtype=np.float32).reshape(-1, 2)
-    return points, descriptors
+    return cv2.KeyPoint_convert(keypoints).reshape(-1, 2), descriptors
 
 
 _local = threading.local()
@@ -401,7 +405,7 @@ def _detector():
         cv2.setNumThreads(1)
         _local.orb = cv2.ORB_create(
             nfeatures=ORB_FEATURES, scaleFactor=1.3, nlevels=ORB_LEVELS, edgeThreshold=ORB_PATCH, patchSize=ORB_PATCH,
-            fastThreshold=10,
+            fastThreshold=ORB_FAST,
         )
     return _local.orb
 
