@@ -11,7 +11,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from fastret.engine.decode import ImageError, Skipped, decode_rgb
@@ -205,38 +205,39 @@ def find_duplicates(
     near = star_groups(priority, candidates, verify, workers=workers)
     verified = time.perf_counter()
 
-    def facts_of(row: int) -> FileFacts:
-        if row not in facts:
-            facts[row] = file_facts(paths[row])
-        return facts[row]
-
-    def copy(row: int, reason: str, **scores) -> Copy:
-        fact = facts_of(row)
-        return Copy(item_id_of(index, row), index.items[row].path, fact.width, fact.height, fact.bytes,
-                    fact.mtime, reason, **scores)
+    def copy(row: int, reason: str, fact: FileFacts, **scores) -> Copy:
+        return Copy(item_id_of(index, row), index.items[row].path, fact.width, fact.height, fact.bytes, fact.mtime,
+                    reason, **scores)
 
     def byte_copies(row: int) -> list[Copy]:
-        return [copy(other, REASON_BYTES, cosine=1.0, agreement=1.0) for other in copies_of.get(row, [])]
+        """The files with row's bytes: its size in pixels, their own dates."""
+        return [
+            copy(other, REASON_BYTES, replace(facts[row], mtime=stats[other].st_mtime), cosine=1.0, agreement=1.0)
+            for other in copies_of.get(row, [])
+        ]
 
     groups: list[DuplicateGroup] = []
-    in_groups: set[int] = set()
     for group in near:
-        duplicates = byte_copies(group.representative)
+        rep = group.representative
+        duplicates = byte_copies(rep)
         for member in group.members:
-            same = identical_pixels(features[group.representative], features[member.row],
-                                    paths[group.representative], paths[member.row])
-            reason = REASON_PIXELS if same else REASON_NEAR
-            duplicates.append(copy(member.row, reason, cosine=member.cosine, agreement=member.match.agreement,
+            same = identical_pixels(features[rep], features[member.row], paths[rep], paths[member.row])
+            duplicates.append(copy(member.row, REASON_PIXELS if same else REASON_NEAR, facts[member.row],
+                                   cosine=member.cosine, agreement=member.match.agreement,
                                    mirrored=member.match.mirrored))
             duplicates.extend(byte_copies(member.row))
-        groups.append(DuplicateGroup(copy(group.representative, "kept"), duplicates))
-        in_groups.add(group.representative)
+        groups.append(DuplicateGroup(copy(rep, "kept", facts[rep]), duplicates))
+    grouped = {row for group in near for row in (group.representative, *(m.row for m in group.members))}
     for row in copies_of:
-        if row not in in_groups:
+        if row in grouped:
+            continue
+        if row not in facts:
             try:
-                groups.append(DuplicateGroup(copy(row, "kept"), byte_copies(row)))
+                facts[row] = file_facts(paths[row])
             except (ImageError, OSError) as exc:
                 skipped.append(Skipped(paths[row], str(exc)))
+                continue
+        groups.append(DuplicateGroup(copy(row, "kept", facts[row]), byte_copies(row)))
     groups.sort(key=lambda group: group.kept.path)
     finished = time.perf_counter()
     seconds = {

@@ -109,6 +109,16 @@ def test_identical_copy_is_grouped_with_reason_and_the_oldest_kept(library):
                        "c/photo-crop.jpg": "near-duplicate"}
 
 
+def test_identical_copies_of_a_near_duplicate_join_its_group_once(library):
+    small = library / "b" / "photo-small.jpg"
+    (library / "c" / "photo-small (1).jpg").write_bytes(small.read_bytes())
+    [group] = find_duplicates(Retriever(index_of(library))).groups
+    reasons = {copy.path: copy.reason for copy in group.duplicates}
+    assert len(group.duplicates) == len(reasons) == 4
+    assert reasons["b/photo-small.jpg"] == "near-duplicate"
+    assert reasons["c/photo-small (1).jpg"] == "identical bytes"
+
+
 def test_identical_pixels_in_another_file_format(tmp_path):
     photo = scene(3)
     save(photo, tmp_path / "photo.png", 1000)
