@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from fastret import __version__
-from fastret.cli import edit, evaluate, serve
+from fastret.cli import duplicates, edit, evaluate, serve
 from fastret.cli.options import add_runtime_options, add_search_options, int_in, search_options
 from fastret.engine.decode import ImageError, list_images
 from fastret.engine.encoders import describe_runtime
@@ -205,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.register(commands)
     serve.register(commands)
     edit.register(commands, add_index_options=add_index_options, index_job=cmd_index)
+    duplicates.register(commands)
     return parser
 
 
