@@ -725,7 +725,12 @@ def _live_rows(arrays: list[np.ndarray], kept: list[np.ndarray]) -> np.ndarray:
     segment with nothing removed, else a copy."""
     if len(arrays) == 1 and kept[0].all():
         return np.asarray(arrays[0])  # a plain read-only view of the mapping
-    live = np.concatenate([array[mask] for array, mask in zip(arrays, kept)])
+    live = np.empty((sum(int(mask.sum()) for mask in kept), arrays[0].shape[1]), np.float32)
+    start = 0
+    for array, mask in zip(arrays, kept):  # one pass over each mapping, straight into place
+        count = int(mask.sum())
+        np.compress(mask, array, axis=0, out=live[start : start + count])
+        start += count
     live.flags.writeable = False
     return live
 
