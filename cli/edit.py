@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 from fastret.cli.options import add_runtime_options, int_in, positive_float
 from fastret.engine.decode import IMAGE_SUFFIXES, Skipped, list_images
@@ -31,33 +32,6 @@ from fastret.service.watch import DEFAULT_DEBOUNCE_S, Batch, FolderWatch, follow
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def add_index_options(parser: argparse.ArgumentParser) -> None:
-    """The options of `fastret index` after DIR and --out (`fastret watch` takes them too)."""
-    parser.add_argument(
-        "--model",
-        default="auto",
-        help="auto (default; an existing index: its model), efficientnet-lite2, clip-vit-b32, hf:ORG/NAME or a "
-        "CLIP checkpoint directory",
-    )
-    add_runtime_options(parser)
-    parser.add_argument("--batch-size", type=int_in(1, 4096), default=DEFAULT_BATCH_SIZE)
-    parser.add_argument("--workers", type=int_in(0, 256), default=DEFAULT_WORKERS, help="decoder threads (0: decode inline)")
-    parser.add_argument("--no-draft", action="store_true", help="decode JPEGs at full size (no DCT downscaling)")
-    parser.add_argument("--hnsw-m", type=int_in(2, 256), default=None, help=f"HNSW links per node (default: {HnswParams.M})")
-    parser.add_argument("--ef-construction", type=int_in(1), default=None,
-                        help=f"HNSW ef at build time (default: {HnswParams.ef_construction})")
-    parser.add_argument("--ef-search", type=int_in(1), default=None,
-                        help=f"default HNSW ef at query time (default: {HnswParams.ef_search})")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    parser.add_argument("--include-hidden", action="store_true",
-                        help="also index hidden files and folders (names starting with '.', e.g. .thumbnails/)")
-    parser.add_argument("--no-wait", action="store_true", help="fail at once when another fastret writer is writing --out")
-    parser.add_argument("--full", action="store_true",
-                        help="embed every image again into a new index, even where --out holds an index of DIR")
-    parser.add_argument("--rehash", action="store_true",
-                        help="tell changed files by their contents (sha256), not by size and modification time")
 
 
 def hnsw_params(args: argparse.Namespace, base: HnswParams) -> HnswParams:
@@ -290,8 +264,14 @@ def batch_line(index_dir: Path, batch: Batch) -> str:
     return f"{time.strftime('%H:%M:%S')} {done.summary()}{waiting} {where}"
 
 
-def register(commands: argparse._SubParsersAction) -> None:
-    """add, remove, compact and watch; after `index`, whose job `fastret watch` runs first."""
+def register(
+    commands: argparse._SubParsersAction,
+    *,
+    add_index_options: Callable[[argparse.ArgumentParser], None],
+    index_job: Callable[[argparse.Namespace], int],
+) -> None:
+    """Add add / remove / compact / watch; `fastret watch` takes `fastret index`'s options and runs
+    its job first (both passed in by cli/main.py, which defines them, so neither module imports the other)."""
     add = commands.add_parser("add", help="embed images into an index: files under its root, or copies (--copy-into)")
     add.add_argument("index", type=Path, help="index directory")
     add.add_argument("paths", nargs="+", type=Path, help="image files or folders under the index root")
@@ -323,4 +303,4 @@ def register(commands: argparse._SubParsersAction) -> None:
     add_index_options(watch)
     watch.add_argument("--debounce", type=positive_float, default=DEFAULT_DEBOUNCE_S,
                        help="seconds of quiet before a batch of changes is applied (default: %(default)s)")
-    watch.set_defaults(run=cmd_watch, index_job=commands.choices["index"].get_default("run"))
+    watch.set_defaults(run=cmd_watch, index_job=index_job)

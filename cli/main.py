@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 from fastret import __version__
-from fastret.cli import edit, evaluate, serve
-from fastret.cli.options import add_runtime_options, add_search_options, search_options
+from fastret.cli import duplicates, edit, evaluate, serve
+from fastret.cli.options import add_runtime_options, add_search_options, int_in, search_options
 from fastret.engine.decode import ImageError, list_images
 from fastret.engine.encoders import describe_runtime
 from fastret.engine.index import (
@@ -22,6 +22,7 @@ from fastret.engine.index import (
     next_free_id,
     verify_index,
 )
+from fastret.engine.pipeline import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS
 from fastret.engine.retrieval import SCORES, build_index, display_path
 from fastret.engine.text import check_query_text
 from fastret.export.models import ModelNotFound
@@ -34,6 +35,15 @@ USER_ERRORS = (BadIndex, BackendUnavailable, ExportError, FileNotFoundError, Ima
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        default="auto",
+        help="auto (default), efficientnet-lite2, clip-vit-b32, hf:ORG/NAME or a CLIP checkpoint directory",
+    )
+    add_runtime_options(parser)
 
 
 def cmd_index(args: argparse.Namespace) -> int:
@@ -138,6 +148,27 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_index_options(parser: argparse.ArgumentParser) -> None:
+    """The options of `fastret index` after DIR and --out (`fastret watch` takes them too)."""
+    add_model_options(parser)
+    parser.add_argument("--batch-size", type=int_in(1, 4096), default=DEFAULT_BATCH_SIZE)
+    parser.add_argument("--workers", type=int_in(0, 256), default=DEFAULT_WORKERS, help="decoder threads (0: decode inline)")
+    parser.add_argument("--no-draft", action="store_true", help="decode JPEGs at full size (no DCT downscaling)")
+    parser.add_argument("--hnsw-m", type=int_in(2, 256), default=None, help=f"HNSW links per node (default: {HnswParams.M})")
+    parser.add_argument("--ef-construction", type=int_in(1), default=None,
+                        help=f"HNSW ef at build time (default: {HnswParams.ef_construction})")
+    parser.add_argument("--ef-search", type=int_in(1), default=None,
+                        help=f"default HNSW ef at query time (default: {HnswParams.ef_search})")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--include-hidden", action="store_true",
+                        help="also index hidden files and folders (names starting with '.', e.g. .thumbnails/)")
+    parser.add_argument("--no-wait", action="store_true", help="fail at once when another fastret writer is writing --out")
+    parser.add_argument("--full", action="store_true",
+                        help="embed every image again into a new index, even where --out holds an index of DIR")
+    parser.add_argument("--rehash", action="store_true",
+                        help="tell changed files by their contents (sha256), not by size and modification time")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastret", description="Fast image-to-image retrieval.")
     parser.add_argument("--version", action="version", version=f"fastret {__version__}")
@@ -148,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     index.add_argument("dir", help="folder of images (sub-folder names become labels)")
     index.add_argument("--out", type=Path, default=default_index_dir(), help="index directory (default: %(default)s)")
-    edit.add_index_options(index)
+    add_index_options(index)
     index.set_defaults(run=cmd_index)
 
     verify = commands.add_parser("verify", help="check every file of an index against its checksums")
@@ -173,7 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     # Sub-commands that live in their own modules register below, one line each.
     evaluate.register(commands)
     serve.register(commands)
-    edit.register(commands)  # after `index`: `fastret watch` starts with it
+    edit.register(commands, add_index_options=add_index_options, index_job=cmd_index)
+    duplicates.register(commands)
     return parser
 
 

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import socket
+import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -198,3 +202,54 @@ def tiny_full_clip_dir(tmp_path_factory) -> Path:
     CLIPModel(config).eval().save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+# --- the browser tests (tests/test_web_*.py) ------------------------------------------------------
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+]
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Headless Chromium driven by Playwright, one for the whole session (its sync API does not nest)."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (dev extra)")
+    if not CHROMIUM.is_file():
+        pytest.skip(f"{CHROMIUM} is absent: install it with `apt-get install chromium` (.ci/run does)")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="session")
+def live_server():
+    """live_server(app): a context manager serving the app with uvicorn on a free loopback port, in a
+    thread, yielding its base URL."""
+    uvicorn = pytest.importorskip("uvicorn", reason="the web extra is not installed: pip install 'fastret[web]'")
+
+    @contextmanager
+    def serve(app):
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.05)
+        try:
+            yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+        finally:
+            server.should_exit = True
+            thread.join(timeout=10)
+            listener.close()
+
+    return serve

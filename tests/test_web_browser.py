@@ -9,61 +9,25 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import threading
-import time
-from pathlib import Path
 
 import pytest
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--no-first-run",
-    "--disable-sync",
-]
-
 pytestmark = pytest.mark.data
-uvicorn = pytest.importorskip("uvicorn", reason="the web extra is not installed: pip install 'fastret[web]'")
-sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (dev extra)")
+pytest.importorskip("uvicorn", reason="the web extra is not installed: pip install 'fastret[web]'")
+pytest.importorskip("playwright.sync_api", reason="playwright is not installed (dev extra)")
 
 
 @pytest.fixture(scope="session")
-def wang1k_server(wang1k, bundled_onnx):
+def wang1k_server(wang1k, bundled_onnx, live_server):
     """(base URL, search service): the web app over wang1k indexed with the bundled model, on a free loopback port."""
     from fastret.engine.retrieval import build_index
     from fastret.service.search import Retriever
     from fastret.web.app import create_app
 
     index, _ = build_index(wang1k, bundled_onnx)
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
     retriever = Retriever(index, bundled_onnx)
-    server = uvicorn.Server(uvicorn.Config(create_app(retriever), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{listener.getsockname()[1]}", retriever
-    server.should_exit = True
-    thread.join(timeout=10)
-    listener.close()
-
-
-@pytest.fixture(scope="session")
-def browser():
-    if not CHROMIUM.is_file():
-        pytest.skip(f"{CHROMIUM} is absent: install it with `apt-get install chromium` (.ci/run does)")
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
-        yield browser
-        browser.close()
+    with live_server(create_app(retriever)) as url:
+        yield url, retriever
 
 
 def wait_for_results(page, count: int) -> None:

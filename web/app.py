@@ -34,6 +34,7 @@ from fastret.service.load import BackendUnavailable
 from fastret.service.search import MAX_K, Retriever, SearchOptions, combine_views, query_views, rerank_request
 from fastret.web import DEFAULT_MAX_DECODES, DEFAULT_MAX_UPLOAD_BYTES
 from fastret.web.batcher import DEFAULT_MAX_BATCH, MicroBatcher
+from fastret.web.duplicates import duplicates_router
 from fastret.web.items import ItemNotFound, item_file, parse_item_id, thumbnail_jpeg
 
 STATIC = Path(__file__).parent / "static"
@@ -374,6 +375,8 @@ def create_app(
             text_queries=text_unavailable is None,
             text_unavailable=text_unavailable,
         )
+
+    app.include_router(duplicates_router(retriever))
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
