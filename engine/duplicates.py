@@ -436,6 +436,8 @@ def _orb(thumb: np.ndarray) -> Keypoints:
     import cv2
 
     keypoints, descriptors = _detector().detectAndCompute(thumb, None)
+    if not keypoints:  # a flat picture: nothing to align by
+        return np.empty((0, 2), np.float32), None
     return cv2.KeyPoint_convert(keypoints).reshape(-1, 2), descriptors
 
 

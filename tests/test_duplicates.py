@@ -374,3 +374,10 @@ def test_reported_ids_are_the_items_stable_ids_after_an_edit(library, tmp_path):
         path: id_of[path] for path in ("a/photo.png", "b/photo-copy.png", "b/photo-small.jpg", "c/photo-crop.jpg")
     }
     assert id_of["a/photo.png"] != 0  # ids are not rows here
+
+
+def test_flat_pictures_without_keypoints_are_compared_not_fatal(tmp_path):
+    for number, grey in enumerate((40, 41, 200)):
+        save(Image.new("RGB", (300, 200 + number), (grey, grey, grey)), tmp_path / f"flat-{number}.png", 1000)
+    report = find_duplicates(Retriever(index_of(tmp_path)))
+    assert report.skipped == []
