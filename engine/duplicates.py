@@ -133,13 +133,13 @@ def candidate_pairs(
 ) -> dict[int, list[tuple[int, float]]]:
     """Each row's candidates among `rows` (both directions of every kNN pair), most similar first.
 
-    One batched search per `batch_size` queries; the cosines are recomputed from the embeddings,
-    so they do not depend on how the search scored.
+    One batched search per `batch_size` queries; the cosines are recomputed from the embeddings
+    (once per pair, a slice at a time), so they do not depend on how the search scored.
     """
     rows = np.asarray(rows, dtype=np.int64)
     wanted = np.zeros(len(embeddings), dtype=bool)
     wanted[rows] = True
-    found_pairs, found_cosines = [], []
+    found_pairs = [np.empty((0, 2), np.int64)]
     for start in range(0, len(rows), batch_size):
         queries = rows[start : start + batch_size]
         vectors = np.asarray(embeddings[queries], dtype=np.float32)
@@ -147,21 +147,25 @@ def candidate_pairs(
         usable = (found >= 0) & (found != queries[:, None])
         usable[usable] = wanted[found[usable]]
         query_at, column = np.nonzero(usable)
-        others = found[query_at, column]
-        cosines = np.einsum("ij,ij->i", vectors[query_at], np.asarray(embeddings[others], dtype=np.float32))
-        close = cosines >= min_cosine
-        pair = np.stack([queries[query_at], others], axis=1)[close]
-        found_pairs.append(np.sort(pair, axis=1))
-        found_cosines.append(cosines[close])
-    pairs, first = np.unique(np.concatenate(found_pairs), axis=0, return_index=True)
-    cosines = np.concatenate(found_cosines)[first]
+        found_pairs.append(np.sort(np.stack([queries[query_at], found[query_at, column]], axis=1), axis=1))
+    pairs = np.concatenate(found_pairs)
+    keys = np.unique(pairs[:, 0] * len(embeddings) + pairs[:, 1])
+    pairs = np.stack([keys // len(embeddings), keys % len(embeddings)], axis=1)
+    cosines = np.concatenate([np.empty(0, np.float32)] + [
+        np.einsum("ij,ij->i", np.asarray(embeddings[chunk[:, 0]], np.float32), np.asarray(embeddings[chunk[:, 1]], np.float32))
+        for chunk in np.split(pairs, range(COSINE_CHUNK, len(pairs), COSINE_CHUNK))
+    ])
+    close = cosines >= min_cosine
     candidates: dict[int, list[tuple[int, float]]] = {}
-    for (a, b), cosine in zip(pairs.tolist(), cosines.tolist()):
+    for (a, b), cosine in zip(pairs[close].tolist(), cosines[close].tolist()):
         candidates.setdefault(a, []).append((b, cosine))
         candidates.setdefault(b, []).append((a, cosine))
     for listed in candidates.values():
         listed.sort(key=lambda pair: (-pair[1], pair[0]))
     return candidates
+
+
+COSINE_CHUNK = 1024  # pairs whose rows are gathered at once: small enough to stay in cache
 
 
 # --- pixel verification -------------------------------------------------------------------------
