@@ -1295,10 +1295,10 @@ RERANK_ARRAYS = ("ids", "base", "vectors", "neighbours", "reach")
 
 
 def fit_rerank(embeddings: np.ndarray, ids: np.ndarray, options: RerankOptions, params: HnswParams,
-               *, target: float = TARGET_RECALL) -> RerankState:
-    """The re-ranking state of these items, its graph built with the index's HNSW parameters."""
+               *, whitening: PcaWhitening | None = None, target: float = TARGET_RECALL) -> RerankState:
+    """The re-ranking state of these items (rerank.fit_state), its graphs built with the index's HNSW parameters."""
     return fit_state(embeddings, ids, options, lambda vectors, labels: build_hnsw(vectors, params, labels),
-                     target=target)
+                     whitening=whitening, target=target)
 
 
 def write_rerank(staging: Path, state: RerankState | None, number: int, params: HnswParams) -> dict | None:

@@ -312,6 +312,10 @@ def test_search_flags_rerank_and_write_nothing_into_the_index(colour_index, caps
     assert [hit["id"] for hit in report["results"]] == ids[0].tolist()
     assert main([*argv, "--dba", "2", "--qe", "2"]) == 0  # the state is prepared in memory again, identically
     assert [hit["id"] for hit in json.loads(capsys.readouterr().out)["results"]] == ids[0].tolist()
+    assert main([*argv]) == 0  # the default: the index's own re-ranking state, loaded, through its graph
+    report = json.loads(capsys.readouterr().out)
+    assert report["search"] == "hnsw" and report["rerank"]["source"] == "index"
+    assert [hit["label"] for hit in report["results"]] == ["red"] * 5
     assert sorted((p.relative_to(index_dir), p.stat().st_mtime_ns) for p in index_dir.rglob("*")) == before
     assert main([*argv, "--no-rerank"]) == 0
     assert json.loads(capsys.readouterr().out)["rerank"] is None
