@@ -85,7 +85,7 @@ def test_eval_cli_leave_one_out_on_animals10(animals10, bundled_onnx, tmp_path, 
     assert result["overall"]["P@10"] > 0.7  # random ranking: about 0.1
     # recall@10 = hits / 31, precision@10 = hits / 10 for every query of this balanced set
     assert result["overall"]["R@10"] == pytest.approx(result["overall"]["P@10"] * 10 / 31, abs=1e-5)
-    assert set(result["seconds"]) == {"model_load", "database_embedding", "search"}
+    assert set(result["seconds"]) == {"model_load", "database_embedding", "rerank_prepare", "search"}
 
 
 def test_eval_cli_needs_a_protocol(capsys):
@@ -185,7 +185,7 @@ def test_eval_cli_split_and_saved_index_with_a_tiny_model(tiny_source, tiny_clip
     split = json.loads(out.read_text())
     assert split["protocol"] == "split" and split["queries"] == 20 and split["db_images"] == 20
     assert split["search"] == "exact" and set(split["per_class"]) == {"cats", "dogs"}
-    assert set(split["seconds"]) == {"model_load", "database_embedding", "query_embedding", "search"}
+    assert set(split["seconds"]) == {"model_load", "database_embedding", "query_embedding", "rerank_prepare", "search"}
     assert split["overall"]["P@1"] == 1.0  # every query is in the database: it finds itself first
 
     assert main(["index", str(tiny_source), "--model", str(tiny_clip_dir), "--backend", "torch",
