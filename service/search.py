@@ -277,7 +277,7 @@ class Retriever:
         """Hits for each query row; `excludes[i]` are item ids treated as absent for query i."""
         queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
         excludes = [self._rows(exclude) for exclude in excludes] if excludes is not None else [frozenset()] * len(queries)
-        if options.rerank.active:
+        if options.rerank.active and self.can_rerank:
             ids, scores = self._reranked(options)(queries, options.k, excludes)
             return [hits_from(self.index, row_ids, row_scores) for row_ids, row_scores in zip(ids, scores)]
         return [
@@ -318,7 +318,7 @@ class Retriever:
         With leave_one_out, query row i is item i: plain search drops it afterwards (evaluation's
         drop_self); re-ranking treats it as absent, so it never helps rank itself.
         """
-        if options.rerank.active:
+        if options.rerank.active and self.can_rerank:
             search = self._reranked(options)
 
             def ranked(queries: np.ndarray, k: int) -> np.ndarray:
@@ -327,6 +327,12 @@ class Retriever:
 
             return ranked
         return index_search(self.index, exact=options.exact, ef=options.ef)
+
+    @property
+    def can_rerank(self) -> bool:
+        """Whether the index can re-rank: an Index can (its state, or one prepared in memory); a store
+        without `rerank_state` (another back end) cannot, and answers with the plain ranking."""
+        return hasattr(self.index, "rerank_state")
 
     def stored_rerank(self, rerank: RerankOptions) -> RerankState | None:
         """The index's re-ranking state when it holds these options' PCA and DBA, else None."""
@@ -346,9 +352,12 @@ class Retriever:
         """The options plus what ran: "search" ("hnsw" or "exact") and "rerank" (None: plain ranking;
         else the steps that ran, where the state came from, the graph's ef and notes)."""
         described = options.to_dict()
-        if not options.rerank.active:
-            exact = options.exact or self.index.hnsw is None
-            return {**described, "search": "exact" if exact else "hnsw"}
+        if not options.rerank.active or not self.can_rerank:
+            exact = options.exact or getattr(self.index, "hnsw", None) is None
+            plain = {**described, "search": "exact" if exact else "hnsw", "rerank": None}
+            if options.rerank.active:
+                plain["rerank_unavailable"] = f"{type(self.index).__name__} holds no re-ranking state: the plain ranking"
+            return plain
         rerank = options.rerank
         state = self.stored_rerank(rerank)
         if state is None:

@@ -214,9 +214,8 @@ def create_app(
     async def ranked(live: Retriever, search: Callable[[], list[Hit]], name: str, options: SearchOptions,
                      stamps: list[float], batch_size: int) -> SearchOut:
         """Run the search in the threadpool; stamps are perf_counter() at start, decoded and encoded."""
-        hits = await run_in_threadpool(search)
+        hits, described = await run_in_threadpool(lambda: (search(), live.describe(options)))
         started, decoded, encoded, finished = *stamps, time.perf_counter()
-        described = await run_in_threadpool(live.describe, options)
         return SearchOut(
             query=name,
             model=live.index.model.model_id,
