@@ -109,20 +109,27 @@ class PcaWhitening:
         return l2_normalise(out) if normalise else out.astype(np.float32)
 
 
+PCA_SAMPLE = 50_000
+"""Items the PCA is fitted on at most (a seeded random sample of larger databases)."""
+
+
 def fit_pca_whitening(database: np.ndarray, dim: int | None = None, power: float = 0.5) -> PcaWhitening:
     """Learn PCA-whitening on database vectors (never on queries).
 
     With power 0.5 the training vectors come out with identity covariance (ddof 1) before the
     final renormalisation. `dim` is capped at the rank the data supports (count - 1).
     """
-    x = np.asarray(database, dtype=np.float64)
+    x = np.asarray(database, dtype=np.float32)
     if len(x) < 2:
         raise ValueError("PCA-whitening needs at least 2 database vectors")
-    mean = x.mean(axis=0)
-    centred = x - mean
-    eigenvalues, axes = np.linalg.eigh(centred.T @ centred / (len(x) - 1))  # (D, D): cheap for 10k x 1280
+    if len(x) > PCA_SAMPLE:  # the axes of a million items are those of a large sample of them
+        x = x[np.sort(np.random.default_rng(0).choice(len(x), PCA_SAMPLE, replace=False))]
+    mean = x.mean(axis=0, dtype=np.float64)
+    centred = (x - mean).astype(np.float32)
+    covariance = (centred.T @ centred).astype(np.float64) / (len(x) - 1)  # a float32 product: 4x faster
+    eigenvalues, axes = np.linalg.eigh(covariance)  # (D, D)
     eigenvalues, axes = eigenvalues[::-1], axes[:, ::-1]
-    keep = int(np.sum(eigenvalues > eigenvalues[0] * 1e-9))  # directions the data really spans
+    keep = int(np.sum(eigenvalues > eigenvalues[0] * 1e-6))  # directions the data really spans (float32 noise below)
     keep = min(keep, dim) if dim else keep
     projection = axes[:, :keep] / eigenvalues[:keep] ** power
     return PcaWhitening(mean.astype(np.float32), projection.astype(np.float32))
