@@ -693,8 +693,11 @@ def _graph_top(
     if not ask:
         return rows, scores
     state.graph.set_ef(max(ef, ask))
-    labels, _ = state.graph.knn_query(queries, k=ask)
-    candidates = np.searchsorted(state.ids, labels.astype(np.int64))
+    try:
+        labels, _ = state.graph.knn_query(queries, k=ask)
+        candidates = np.searchsorted(state.ids, labels.astype(np.int64))
+    except RuntimeError:  # hnswlib found fewer than `ask` (many slots marked deleted): score them all
+        candidates = np.broadcast_to(np.arange(len(state)), (len(queries), len(state)))
     for row, (query, exclude, patch) in enumerate(zip(queries, excludes, patches)):
         found = np.union1d(candidates[row], patch.rows)
         if exclude:
