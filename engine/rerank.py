@@ -1,6 +1,7 @@
 """Retrieval beyond plain nearest neighbours: PCA / whitening, DBA, alpha-QE, k-reciprocal re-ranking.
 
-All off by default (RerankOptions()), all pure numpy over unit embeddings, in one pipeline:
+RerankOptions() runs none of them (the plain ranking); RECOMMENDED_RERANK is fastret's default
+ranking. Pure numpy over unit embeddings (hnswlib for the graph), in one pipeline:
 
 1. PCA (centre, project to fewer dimensions, optionally whiten) learned on the DATABASE vectors
    only, applied to database and queries alike, rows renormalised;
@@ -71,8 +72,8 @@ class RerankOptions:
 
 
 RECOMMENDED_RERANK = RerankOptions(pca_dim=256, dba_n=5, qe_n=5)
-"""`--rerank` in the CLI: PCA 256 + alpha-DBA 5 + alpha-QE 5 won P@10 and mAP on all four sets
-measured, for at most about 1 ms a query (BENCHMARKS.md, 'Re-ranking and query expansion')."""
+"""The default ranking everywhere (`--no-rerank` turns it off): PCA 256 + alpha-DBA 5 + alpha-QE 5
+won P@10 and mAP on all four sets measured (BENCHMARKS.md, 'Re-ranking and query expansion')."""
 
 
 def dba_items(n: int) -> int:
