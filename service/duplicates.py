@@ -36,6 +36,7 @@ from fastret.engine.duplicates import (
 )
 from fastret.engine.encoders import default_threads
 from fastret.engine.index import CURRENT, Index
+from fastret.engine.rerank import RerankOptions
 from fastret.engine.retrieval import build_index, display_path
 from fastret.engine.thumbnails import Thumbnail
 from fastret.service.load import open_encoder
@@ -186,7 +187,7 @@ def find_duplicates(
     nodes = [row for row in rows if row not in hidden]
     hashed = time.perf_counter()
 
-    search = retriever.ranker(SearchOptions(k=neighbours + 1))
+    search = retriever.ranker(SearchOptions(k=neighbours + 1, rerank=RerankOptions()))  # raw cosine neighbours
     candidates = candidate_pairs(index.embeddings, search, nodes, neighbours=neighbours)
     searched = time.perf_counter()
 
