@@ -37,7 +37,7 @@ from fastret.engine.openvino_runtime import (
 )
 from fastret.engine.tensorrt_runtime import PLAN_FILE, TensorRTEncoder, plan_status
 from fastret.engine.text import OnnxTextEncoder, TensorRTTextEncoder, TextEncoder
-from fastret.export.models import BUNDLED, CLIP_B32, ModelSource, resolve_model
+from fastret.export.models import CLIP_B32, EFFICIENTNET_LITE, ModelSource, efficientnet_architecture, resolve_model
 from fastret.export.onnx_export import (
     FP32_ONNX,
     INPUT_NAME,
@@ -616,7 +616,7 @@ def _text_encoder_for_index(
     """
     model_id = index.model.model_id
     export_dir = model_export_dir(index)
-    if model_id == BUNDLED or (export_dir is not None and read_metadata(export_dir).get("family") != "clip"):
+    if efficientnet_architecture(model_id) in EFFICIENTNET_LITE or (export_dir is not None and read_metadata(export_dir).get("family") != "clip"):
         raise _no_text_tower(index, f"the index was built with {model_id}, an image-only model")
     if export_dir is None:
         raise TextUnavailable(
