@@ -160,11 +160,11 @@ def clip_source(directory: Path, model_id: str) -> ModelSource:
 
 def efficientnet_source(name: str) -> ModelSource:
     """`efficientnet-liteN` or `efficientnet-liteN@SIDE` as a ModelSource (ModelNotFound when not offered)."""
-    architecture, _, side_text = name.partition("@")
+    architecture, at, side_text = name.partition("@")
     if architecture not in EFFICIENTNET_LITE:
         raise ModelNotFound(f"unknown model {name!r}: EfficientNet-Lite comes as {', '.join(EFFICIENTNET_LITE)}")
     side = EFFICIENTNET_LITE[architecture]
-    if side_text:
+    if at:
         low, high = EFFICIENTNET_SIDES
         if not side_text.isdigit() or not low <= int(side_text) <= high:
             raise ModelNotFound(f"{name}: the input side after @ must be a whole number of pixels, {low}-{high}")
