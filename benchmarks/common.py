@@ -144,6 +144,13 @@ def leave_one_out_quality(embeddings: np.ndarray, labels: Sequence[str], query_r
     return {name: summary["overall"][name] for name in (f"P@{TOP_K}", f"R@{TOP_K}", "mAP")}
 
 
+def query_quality(db: np.ndarray, db_labels: Sequence[str], queries: np.ndarray, query_labels: Sequence[str]) -> dict:
+    """P@10, R@10 and mAP (full ranking) of separate query embeddings against a database, label = class."""
+    full = np.argsort(-(np.asarray(queries, np.float32) @ np.asarray(db, np.float32).T), axis=1, kind="stable")
+    summary = summarize(full[:, :TOP_K], np.asarray(db_labels), np.asarray(query_labels), [TOP_K], full_ranking=full)
+    return {name: summary["overall"][name] for name in (f"P@{TOP_K}", f"R@{TOP_K}", "mAP")}
+
+
 def timed_process(command: list[str]) -> tuple[float, float]:
     """Wall seconds and peak RSS (MiB) of one child process (its own rusage, via wait4)."""
     started = time.perf_counter()

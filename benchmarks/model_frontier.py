@@ -5,11 +5,13 @@ For each (model, runtime, precision): database images/s (the indexing pipeline i
 decode workers + encoder, as `fastret index` runs it), warm query ms (one query file through the
 search service: decode, embed, search), cold search s (median of whole `fastret search` processes,
 run in turn over all configurations, A B C A B C, so a change of machine load hits them alike),
-and leave-one-out P@10 / mAP on wang1k, animals10-mini and the augmented set (`--scaled`: quality of
-augmented copies, not a benchmark of real photos). INT8 models are calibrated on --wang1k.
+and P@10 / mAP on wang1k and animals10-mini (leave-one-out) and the augmented set (`--scaled` DB and
+`--scaled-queries` QUERIES from benchmarks/make_scaled_set.py: augmented copies of held-out photos
+against augmented copies of the others; augmented data, not a benchmark of real photos). INT8 models
+are calibrated on --wang1k.
 
     python benchmarks/model_frontier.py --wang1k ../shared/data/wang1k --animals ../shared/data/animals10-mini \
-        --scaled /tmp/scaled/db --scaled-queries 1000
+        --scaled /tmp/scaled/db --scaled-queries /tmp/scaled/queries
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from common import OUT, leave_one_out_quality, limited_view, machine, table, timed_process, write_json  # noqa: E402
+from common import OUT, leave_one_out_quality, limited_view, machine, query_quality, table, timed_process, write_json  # noqa: E402
 
 from fastret.engine.decode import list_images  # noqa: E402
 from fastret.engine.evaluation import folder_labels  # noqa: E402
@@ -40,14 +42,20 @@ MODELS = ["efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2", "eff
 RUNTIMES = ["onnxruntime:fp32", "openvino:fp32", "openvino:int8"]
 
 
-def quality(encoder, folder: Path, query_count: int | None) -> tuple[dict, float, object]:
+def quality(encoder, folder: Path) -> tuple[dict, float, object]:
     """Leave-one-out quality of a folder embedded by `encoder`, the pipeline's images/s, the index."""
     index, result = build_index(folder, encoder)
-    rows = None
-    if query_count is not None and query_count < len(index):
-        rows = np.linspace(0, len(index) - 1, query_count).round().astype(int)
     labels = folder_labels([item.path for item in index.items])
-    return leave_one_out_quality(np.asarray(index.embeddings), labels, rows), result.images_per_second, index
+    return leave_one_out_quality(np.asarray(index.embeddings), labels), result.images_per_second, index
+
+
+def scaled_quality(encoder, db: Path, queries: Path) -> tuple[dict, float]:
+    """Quality of the query folder against the database folder, and the database's images/s."""
+    index, result = build_index(db, encoder)
+    asked, _ = build_index(queries, encoder)
+    found = query_quality(np.asarray(index.embeddings), folder_labels([item.path for item in index.items]),
+                          np.asarray(asked.embeddings), folder_labels([item.path for item in asked.items]))
+    return found, result.images_per_second
 
 
 def warm_query_ms(index, queries: list[Path], repeats: int) -> float:
@@ -70,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--animals", type=Path, required=True)
     parser.add_argument("--scaled", type=Path, help="the augmented database folder (benchmarks/make_scaled_set.py)")
     parser.add_argument("--scaled-limit", type=int, default=None, help="use N images spread over --scaled's classes")
-    parser.add_argument("--scaled-queries", type=int, default=1000, help="leave-one-out queries spread over --scaled")
+    parser.add_argument("--scaled-queries", type=Path, help="the augmented query folder (held-out photos)")
     parser.add_argument("--scaled-runtimes", nargs="+", default=["openvino:fp32", "openvino:int8"],
                         help="runtimes that embed --scaled (fp32 quality does not depend on the runtime)")
     parser.add_argument("--models", nargs="+", default=MODELS)
@@ -83,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     load_at_start = [round(v, 2) for v in os.getloadavg()]
     scratch = Path(tempfile.mkdtemp(prefix="fastret-frontier-"))
     queries = list_images(args.wang1k)[::97]
+    if (args.scaled is None) != (args.scaled_queries is None):
+        parser.error("--scaled and --scaled-queries go together")
     if args.scaled is not None and args.scaled_limit is not None:
         args.scaled = limited_view(args.scaled, args.scaled_limit, scratch / "scaled")
     rows: list[dict] = []
@@ -93,10 +103,10 @@ def main(argv: list[str] | None = None) -> int:
                                    log=lambda line: print(f"  {line}", file=sys.stderr))
             row = {"model": model, "backend": encoder.backend, "precision": encoder.precision}
             print(f"{model} on {backend} ({encoder.precision})", file=sys.stderr, flush=True)
-            row["wang1k"], row["db_images_per_s"], index = quality(encoder, args.wang1k, None)
-            row["animals10"], _, _ = quality(encoder, args.animals, None)
+            row["wang1k"], row["db_images_per_s"], index = quality(encoder, args.wang1k)
+            row["animals10"], _, _ = quality(encoder, args.animals)
             if args.scaled is not None and runtime in args.scaled_runtimes:
-                row["scaled"], row["scaled_images_per_s"], _ = quality(encoder, args.scaled, args.scaled_queries)
+                row["scaled"], row["scaled_images_per_s"] = scaled_quality(encoder, args.scaled, args.scaled_queries)
             index_dir = scratch / f"index-{len(rows)}"
             index.save(index_dir)
             row["index_dir"] = str(index_dir)
@@ -124,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table(header, lines))
     write_json(args.out, {"machine": machine(), "load_average_at_start": load_at_start, "rows": rows,
                           "scaled": str(args.scaled), "scaled_limit": args.scaled_limit,
-                          "scaled_queries": args.scaled_queries})
+                          "scaled_queries": str(args.scaled_queries)})
     print(f"wrote {args.out}")
     return 0
 

@@ -232,7 +232,13 @@ def _openvino_encoder(
 
 def _openvino_int8(export_dir: Path, family: str, image_dir: Path | None, *, required: bool, log: Log) -> Path | None:
     """The export's INT8 OpenVINO model, made on first use (CNNs: calibrated on `image_dir`)."""
-    from fastret.export.quantize import OPENVINO_INT8_FAMILIES, OPENVINO_INT8_KIND, export_openvino_int8
+    from fastret.export.quantize import (
+        OPENVINO_INT8_FAMILIES,
+        OPENVINO_INT8_KIND,
+        OPENVINO_STATIC_INT8_FAMILIES,
+        OPENVINO_STATIC_INT8_GRAPH,
+        export_openvino_int8,
+    )
 
     if family not in OPENVINO_INT8_FAMILIES:
         if required:
@@ -247,6 +253,8 @@ def _openvino_int8(export_dir: Path, family: str, image_dir: Path | None, *, req
         required=required,
         fallback=f"OpenVINO {'bf16' if cpu_supports_bf16() else 'fp32'} instead of int8",
         log=log,
+        current=lambda record: family not in OPENVINO_STATIC_INT8_FAMILIES
+        or record.get("graph") == OPENVINO_STATIC_INT8_GRAPH,
     )
 
 
@@ -270,16 +278,28 @@ def _int8_onnx(export_dir: Path, family: str, image_dir: Path | None, *, require
 
 
 def _derived_model(
-    export_dir: Path, kind: str, make: Callable[[], Path], *, required: bool, fallback: str, log: Log
+    export_dir: Path,
+    kind: str,
+    make: Callable[[], Path],
+    *,
+    required: bool,
+    fallback: str,
+    log: Log,
+    current: Callable[[dict], bool] = lambda record: True,
 ) -> Path | None:
-    """The export's newest model of a kind (fp16, int8), made when it has none; None, and the fp32
-    ONNX stays, when it cannot be made or fails its parity check (an error when the user asked for it)."""
+    """The export's newest model of a kind (fp16, int8), made when it has none, or none that is
+    `current` (its record says it is made the current way; an older one serves when a current one
+    cannot be made); None, and the fp32 ONNX stays, when none can be made or passes its parity check
+    (an error when the user asked for it)."""
     found = find_artefact(export_dir, kind)
-    if found is not None:
+    if found is not None and current(found[1]):
         return found[0]
     try:
         return make()
     except ValueError as exc:
+        if found is not None:
+            log(f"keeping {found[0]} ({exc})")
+            return found[0]
         if required:
             raise BackendUnavailable(str(exc)) from None
         log(f"{fallback}: {exc}")
