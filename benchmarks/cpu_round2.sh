@@ -14,6 +14,8 @@ OUT=${2:-benchmarks/out/cpu_round2}
 SCALED=${SCALED:-/tmp/fastret-scaled}
 PY=.venv/bin/python
 mkdir -p "$OUT"
+# A model cache of its own: exports and INT8 calibrations are made the current way, and nobody else's change.
+export FASTRET_CACHE=${FASTRET_CACHE:-$(realpath "$OUT")/cache}
 uptime | tee "$OUT/load_before.txt"
 [ -d "$SCALED/db" ] || $PY benchmarks/make_scaled_set.py --src "$DATA/wang1k" --out "$SCALED" --db 10000 --queries 1000
 $PY benchmarks/cold_search.py --small "$DATA/wang1k" --large "$SCALED/db" --repeats 11 --out "$OUT/cold_search.json" \
