@@ -221,10 +221,11 @@ def _openvino_encoder(
         if precision == "bf16" and not cpu_supports_bf16():
             raise BackendUnavailable("precision bf16: this CPU has no native bfloat16 arithmetic")
     sha256 = _recorded_sha256(export_dir, model)
-    try:  # what later searches import instead of compiling (they never write into the cache)
-        save_query_model(model, info, precision, export_dir / QUERY_MODELS_DIR, artefact_sha256=sha256)
-    except (OSError, RuntimeError) as exc:
-        log(f"no compiled query model saved (searches compile in memory): {exc}")
+    if workload == "throughput":  # a batch job (index, eval): save what later searches import instead of compiling
+        try:
+            save_query_model(model, info, precision, export_dir / QUERY_MODELS_DIR, artefact_sha256=sha256)
+        except (OSError, RuntimeError) as exc:
+            log(f"no compiled query model saved (searches compile in memory): {exc}")
     return OpenVinoEncoder(
         model, info, precision=precision, cache_dir=cache_dir, workload=workload, artefact_sha256=sha256, **extra
     )
