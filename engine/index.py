@@ -8,6 +8,8 @@ Layout of an index directory::
     INDEX/v-<stamp>/seg-NNNNNN.npy          a segment's embeddings, one float32 row per stored item
     INDEX/v-<stamp>/seg-NNNNNN.items.json   its items' paths and labels
     INDEX/v-<stamp>/seg-NNNNNN.files.npy    their ids, and their files' sizes, mtimes and sha256
+    INDEX/v-<stamp>/seg-NNNNNN.thumbs.npy   (optional) their grey thumbnails for the duplicate finder:
+    INDEX/v-<stamp>/seg-NNNNNN.thumbs-data.npy   a table and the bytes (fastret.engine.thumbnails)
     INDEX/v-<stamp>/deleted.npy             ids removed since their segment was written
     INDEX/v-<stamp>/graph-NNNNNN.bin        the HNSW graph; its labels are item ids
     INDEX/v-<stamp>/graph-deleted.npy       ids removed since the graph was written (marked on load)
@@ -55,6 +57,7 @@ import numpy as np
 
 from fastret.engine.encoders import ModelInfo
 from fastret.engine.files import fsync_path, sha256_files, write_text_atomic
+from fastret.engine.thumbnails import Thumbnails
 
 FORMAT_VERSION = 2
 READABLE_FORMATS = (1, 2)
@@ -159,12 +162,15 @@ class Additions:
     items: list[Item]
     embeddings: np.ndarray
     sources: Sources
+    thumbnails: Thumbnails | None = None  # None: none made
 
     def __post_init__(self) -> None:
         if not len(self.items) == len(self.embeddings) == len(self.sources):
             raise ValueError(
                 f"additions: {len(self.items)} items, {len(self.embeddings)} embeddings, {len(self.sources)} sources"
             )
+        if self.thumbnails is not None and len(self.thumbnails) != len(self.items):
+            raise ValueError(f"additions: {len(self.items)} items, {len(self.thumbnails)} thumbnails")
 
     def __len__(self) -> int:
         return len(self.items)
@@ -193,6 +199,7 @@ class Index:
     next_id: int | None = None  # the id the next added item gets; None: one past the last id
     graph_rows: int | None = None  # rows [0, graph_rows) are in hnsw; None: all rows
     build: dict = field(default_factory=dict)  # how the gallery was read: {"draft", "include_hidden"}
+    thumbnails: Thumbnails | None = None  # per row, for the duplicate finder; None: none kept
 
     def __post_init__(self) -> None:
         if self.embeddings.ndim != 2 or self.embeddings.shape != (len(self.items), self.model.dim):
@@ -209,6 +216,8 @@ class Index:
             raise BadIndex(f"next item id {self.next_id} is not above the last id {last}")
         if self.sources is not None and len(self.sources) != len(self.items):
             raise BadIndex(f"{len(self.sources)} source records for {len(self.items)} items")
+        if self.thumbnails is not None and len(self.thumbnails) != len(self.items):
+            raise BadIndex(f"{len(self.thumbnails)} thumbnails for {len(self.items)} items")
 
     def __len__(self) -> int:
         return len(self.items)
@@ -285,7 +294,8 @@ class Index:
         graph = self._complete_graph()
         segment = Segment.named(0, len(self))
         paths, labels = [item.path for item in self.items], [item.label for item in self.items]
-        _write_segment(staging, segment, self.ids, paths, labels, self.embeddings, self.sources or Sources.unknown(len(self)))
+        _write_segment(staging, segment, self.ids, paths, labels, self.embeddings, self.sources or Sources.unknown(len(self)),
+                       self.thumbnails)
         graph_file = GraphFile(_name("graph", 0) + ".bin", len(self), 0, self.next_id)
         graph.save_index(str(staging / graph_file.file))
         layout = Layout((segment,), _no_ids(), graph_file, _no_ids(), self.next_id, 1)
@@ -384,6 +394,24 @@ class Segment:
 
 FILE_TABLE = np.dtype([("id", "<i8"), ("size", "<i8"), ("mtime_ns", "<i8"), ("sha256", "u1", (32,))])
 """A segment's .files.npy: each stored item's id and its file's size, mtime_ns and sha256."""
+
+
+def thumbnail_files(segment: Segment) -> tuple[str, str]:
+    """The names of a segment's thumbnail table and bytes. They are optional (older indexes have
+    none): a segment has them when the manifest's file table lists them."""
+    stem = segment.embeddings_file.removesuffix(".npy")
+    return f"{stem}.thumbs.npy", f"{stem}.thumbs-data.npy"
+
+
+def _segment_thumbnails(version: Path, manifest: dict, segment: Segment, ids: np.ndarray) -> Thumbnails:
+    """A stored segment's thumbnails (rows without: none), BadIndex when its files do not fit it."""
+    table, data = thumbnail_files(segment)
+    if table not in manifest["files"] or data not in manifest["files"]:
+        return Thumbnails.absent(len(ids))
+    try:
+        return Thumbnails.load(version / table, version / data, ids)
+    except ValueError as exc:
+        raise BadIndex(f"{version}: damaged index, {exc}; {REINDEX}") from None
 
 
 @dataclass(frozen=True)
@@ -492,10 +520,13 @@ def _write_deletions(staging: Path, layout: Layout) -> None:
 
 def _write_segment(
     staging: Path, segment: Segment, ids: np.ndarray, paths: list[str], labels: list[str], embeddings: np.ndarray,
-    sources: Sources,
+    sources: Sources, thumbnails: Thumbnails | None,
 ) -> None:
     np.save(staging / segment.embeddings_file, np.asarray(embeddings, dtype=np.float32))
     _write_items(staging, segment, ids, paths, labels, sources)
+    if thumbnails is not None and thumbnails.stored():
+        table, data = thumbnail_files(segment)
+        thumbnails.save(staging / table, staging / data, ids)
 
 
 def _write_items(
@@ -715,9 +746,21 @@ def _read_index(index_dir: Path, version: Path, manifest: dict) -> Index:
         next_id=layout.next_id,
         graph_rows=int(np.searchsorted(state.ids, layout.graph.id_bound)),
         build=manifest.get("build") or {},
+        thumbnails=_live_thumbnails(version, manifest, state),
     )
     index.hnsw = _graph_of(version, layout, index)
     return index
+
+
+def _live_thumbnails(version: Path, manifest: dict, state: IndexState) -> Thumbnails | None:
+    """The live rows' thumbnails (their bytes memory-mapped); None when no segment has any."""
+    segments = state.layout.segments
+    if not any(thumbnail_files(segment)[0] in manifest["files"] for segment in segments):
+        return None
+    return Thumbnails.concat([
+        _segment_thumbnails(version, manifest, segment, part.ids).take(np.flatnonzero(mask))
+        for segment, part, mask in zip(segments, state.segment_items, state.kept)
+    ])
 
 
 def _live_rows(arrays: list[np.ndarray], kept: list[np.ndarray]) -> np.ndarray:
@@ -910,9 +953,9 @@ class _UpdatePlan:
     def _compact(self, staging: Path) -> Layout:
         """One segment of the live rows and a fresh graph: nothing removed stays stored."""
         everything = list(range(len(self.base.layout.segments))) + [-1]
-        paths, labels, embeddings, sources = self._rows(everything, self.live_ids)
+        paths, labels, embeddings, sources, thumbnails = self._rows(everything, self.live_ids)
         segment = Segment.named(self._number(), len(self.live_ids))
-        _write_segment(staging, segment, self.live_ids, paths, labels, embeddings, sources)
+        _write_segment(staging, segment, self.live_ids, paths, labels, embeddings, sources, thumbnails)
         graph = GraphFile(_name("graph", self._number()) + ".bin", len(self.live_ids), 0, self.next_id)
         build_hnsw(embeddings, self.base.hnsw_params, self.live_ids).save_index(str(staging / graph.file))
         return Layout((segment,), _no_ids(), graph, _no_ids(), self.next_id, self.next_name)
@@ -937,9 +980,9 @@ class _UpdatePlan:
             if plan.keep:
                 segments.append(self._keep(staging, known, plan.origins[0]))
                 continue
-            paths, labels, embeddings, sources = self._rows(plan.origins, plan.ids)
+            paths, labels, embeddings, sources, thumbnails = self._rows(plan.origins, plan.ids)
             segment = Segment.named(self._number(), len(plan.ids))
-            _write_segment(staging, segment, plan.ids, paths, labels, embeddings, sources)
+            _write_segment(staging, segment, plan.ids, paths, labels, embeddings, sources, thumbnails)
             segments.append(segment)
         return tuple(segments), np.concatenate([plan.ids for plan in planned]) if planned else _no_ids()
 
@@ -948,7 +991,8 @@ class _UpdatePlan:
         base = self.base
         segment = base.layout.segments[number]
         if base.manifest["format_version"] != 1:
-            for name in (segment.embeddings_file, segment.items_file, segment.files_file):
+            thumbnails = [name for name in thumbnail_files(segment) if name in base.manifest["files"]]
+            for name in (segment.embeddings_file, segment.items_file, segment.files_file, *thumbnails):
                 _link(base.version / name, staging / name)
                 known[name] = base.manifest["files"][name]
             return segment
@@ -971,7 +1015,7 @@ class _UpdatePlan:
             return GraphFile(name, graph.slots, graph.marked, graph.id_bound), self.graph_deleted
         self.graph_action = "extended"
         everything = list(range(len(base.layout.segments))) + [-1]
-        _, _, vectors, _ = self._rows(everything, pending)
+        _, _, vectors, _, _ = self._rows(everything, pending)
         loaded = load_hnsw(base.version / graph.file, base.model.dim, graph.slots, base.hnsw_params,
                            allow_replace_deleted=True)
         for item_id in self.graph_deleted:
@@ -986,28 +1030,34 @@ class _UpdatePlan:
         loaded.save_index(str(staging / extended.file))
         return extended, _no_ids()
 
-    def _rows(self, origins: list[int], ids: np.ndarray) -> tuple[list[str], list[str], np.ndarray, Sources]:
-        """Paths, labels, embeddings and sources of `ids` (in id order), from base segments and the additions (-1)."""
+    def _rows(
+        self, origins: list[int], ids: np.ndarray
+    ) -> tuple[list[str], list[str], np.ndarray, Sources, Thumbnails]:
+        """Paths, labels, embeddings, sources and thumbnails of `ids` (in id order), from base
+        segments and the additions (-1)."""
         paths: list[str] = []
         labels: list[str] = []
-        vectors, sources = [], []
+        vectors, sources, thumbnails = [], [], []
         for origin in origins:
             if origin < 0:
                 stored, part_vectors, part_sources = self.added_ids, self.added.embeddings, self.added.sources
                 part_paths = [item.path for item in self.added.items]
                 part_labels = [item.label for item in self.added.items]
+                part_thumbnails = self.added.thumbnails or Thumbnails.absent(len(stored))
             else:
                 part = self.base.segment_items[origin]
                 segment = self.base.layout.segments[origin]
                 stored, part_paths, part_labels, part_sources = part.ids, part.paths, part.labels, part.sources
                 part_vectors = np.load(self.base.version / segment.embeddings_file, mmap_mode="r", allow_pickle=False)
+                part_thumbnails = _segment_thumbnails(self.base.version, self.base.manifest, segment, part.ids)
             rows = np.flatnonzero(np.isin(stored, ids))
             paths.extend(part_paths[row] for row in rows)
             labels.extend(part_labels[row] for row in rows)
             vectors.append(np.asarray(part_vectors[rows], dtype=np.float32))
             sources.append(part_sources.take(rows))
+            thumbnails.append(part_thumbnails.take(rows))
         vectors = np.concatenate(vectors) if vectors else np.empty((0, self.base.model.dim), np.float32)
-        return paths, labels, vectors, Sources.concat(sources)
+        return paths, labels, vectors, Sources.concat(sources), Thumbnails.concat(thumbnails)
 
 
 # --- the writer lock --------------------------------------------------------------------------
