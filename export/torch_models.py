@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from fastret.engine.decode import Preprocessing
-from fastret.export.models import ModelNotFound, ModelSource, clip_projection_dim
+from fastret.export.models import ModelNotFound, ModelSource, clip_projection_dim, efficientnet_architecture
 
 
 class EmbeddingModel(nn.Module):
@@ -95,14 +95,14 @@ def exportable(model: EmbeddingModel) -> EmbeddingModel:
     return model
 
 
-def _efficientnet_backbone(weights: Path) -> nn.Module:
+def _efficientnet_backbone(weights: Path, architecture: str) -> nn.Module:
     from efficientnet_lite_pytorch import EfficientNet
 
-    net = EfficientNet.from_name("efficientnet-lite2")
+    net = EfficientNet.from_name(architecture)
     state = torch.load(weights, map_location="cpu", weights_only=True)
     missing, unexpected = net.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ModelNotFound(f"{weights}: weights do not match EfficientNet-Lite2 ({missing or unexpected})")
+        raise ModelNotFound(f"{weights}: weights do not match {architecture} ({missing or unexpected})")
     return _EfficientNetFeatures(net)
 
 
@@ -151,7 +151,7 @@ def _clip_backbone(directory: Path) -> nn.Module:
 def load_torch_model(source: ModelSource) -> EmbeddingModel:
     """The fp32 PyTorch EmbeddingModel of a ModelSource, in eval mode: the reference every runtime matches."""
     if source.family == "efficientnet-lite":
-        backbone = _efficientnet_backbone(source.location)
+        backbone = _efficientnet_backbone(source.location, efficientnet_architecture(source.model_id))
     elif source.family == "clip":
         backbone = _clip_backbone(source.location)
     else:

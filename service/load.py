@@ -28,10 +28,16 @@ from fastret.engine.encoders import (
 )
 from fastret.engine.index import Index
 from fastret.engine.log import Log, no_log
-from fastret.engine.openvino_runtime import OpenVinoEncoder, cpu_supports_bf16, openvino_missing
+from fastret.engine.openvino_runtime import (
+    QUERY_MODELS_DIR,
+    OpenVinoEncoder,
+    cpu_supports_bf16,
+    openvino_missing,
+    save_query_model,
+)
 from fastret.engine.tensorrt_runtime import PLAN_FILE, TensorRTEncoder, plan_status
 from fastret.engine.text import OnnxTextEncoder, TensorRTTextEncoder, TextEncoder
-from fastret.export.models import BUNDLED, CLIP_B32, ModelSource, resolve_model
+from fastret.export.models import CLIP_B32, EFFICIENTNET_LITE, ModelSource, efficientnet_architecture, resolve_model
 from fastret.export.onnx_export import (
     FP32_ONNX,
     INPUT_NAME,
@@ -214,20 +220,26 @@ def _openvino_encoder(
             precision = "bf16" if cpu_supports_bf16() else "fp32"
         if precision == "bf16" and not cpu_supports_bf16():
             raise BackendUnavailable("precision bf16: this CPU has no native bfloat16 arithmetic")
+    sha256 = _recorded_sha256(export_dir, model)
+    if workload == "throughput":  # a batch job (index, eval): save what later searches import instead of compiling
+        try:
+            save_query_model(model, info, precision, export_dir / QUERY_MODELS_DIR, artefact_sha256=sha256)
+        except (OSError, RuntimeError) as exc:
+            log(f"no compiled query model saved (searches compile in memory): {exc}")
     return OpenVinoEncoder(
-        model,
-        info,
-        precision=precision,
-        cache_dir=cache_dir,
-        workload=workload,
-        artefact_sha256=_recorded_sha256(export_dir, model),
-        **extra,
+        model, info, precision=precision, cache_dir=cache_dir, workload=workload, artefact_sha256=sha256, **extra
     )
 
 
 def _openvino_int8(export_dir: Path, family: str, image_dir: Path | None, *, required: bool, log: Log) -> Path | None:
     """The export's INT8 OpenVINO model, made on first use (CNNs: calibrated on `image_dir`)."""
-    from fastret.export.quantize import OPENVINO_INT8_FAMILIES, OPENVINO_INT8_KIND, export_openvino_int8
+    from fastret.export.quantize import (
+        OPENVINO_INT8_FAMILIES,
+        OPENVINO_INT8_KIND,
+        OPENVINO_STATIC_INT8_FAMILIES,
+        OPENVINO_STATIC_INT8_GRAPH,
+        export_openvino_int8,
+    )
 
     if family not in OPENVINO_INT8_FAMILIES:
         if required:
@@ -242,6 +254,8 @@ def _openvino_int8(export_dir: Path, family: str, image_dir: Path | None, *, req
         required=required,
         fallback=f"OpenVINO {'bf16' if cpu_supports_bf16() else 'fp32'} instead of int8",
         log=log,
+        current=lambda record: family not in OPENVINO_STATIC_INT8_FAMILIES
+        or record.get("graph") == OPENVINO_STATIC_INT8_GRAPH,
     )
 
 
@@ -265,16 +279,28 @@ def _int8_onnx(export_dir: Path, family: str, image_dir: Path | None, *, require
 
 
 def _derived_model(
-    export_dir: Path, kind: str, make: Callable[[], Path], *, required: bool, fallback: str, log: Log
+    export_dir: Path,
+    kind: str,
+    make: Callable[[], Path],
+    *,
+    required: bool,
+    fallback: str,
+    log: Log,
+    current: Callable[[dict], bool] = lambda record: True,
 ) -> Path | None:
-    """The export's newest model of a kind (fp16, int8), made when it has none; None, and the fp32
-    ONNX stays, when it cannot be made or fails its parity check (an error when the user asked for it)."""
+    """The export's newest model of a kind (fp16, int8), made when it has none, or none that is
+    `current` (its record says it is made the current way; an older one serves when a current one
+    cannot be made); None, and the fp32 ONNX stays, when none can be made or passes its parity check
+    (an error when the user asked for it)."""
     found = find_artefact(export_dir, kind)
-    if found is not None:
+    if found is not None and current(found[1]):
         return found[0]
     try:
         return make()
     except ValueError as exc:
+        if found is not None:
+            log(f"keeping {found[0]} ({exc})")
+            return found[0]
         if required:
             raise BackendUnavailable(str(exc)) from None
         log(f"{fallback}: {exc}")
@@ -407,7 +433,9 @@ def encoder_from_recipe(
             missing = "this CPU has no native bfloat16 arithmetic"
         if missing:
             raise _cannot_run_here(recipe, missing)
-        return OpenVinoEncoder(path, info, precision=recipe.precision, workload=workload, **common)
+        return OpenVinoEncoder(
+            path, info, precision=recipe.precision, workload=workload, query_models=_query_models(path, info), **common
+        )
     if recipe.backend == "onnxruntime-trt":
         missing = _tensorrt_ep_missing()
         if missing:
@@ -446,6 +474,19 @@ def _artefact_here(recipe: EncoderRecipe, reindex: str, log: Log) -> Path:
         f"the index's encoder artefact {recorded} is not on this machine; re-run {reindex} (it embeds the "
         "gallery again with an artefact made here), or point FASTRET_CACHE at the cache that made it"
     )
+
+
+def _export_dir_above(artefact: Path, info: ModelInfo) -> Path | None:
+    """The export directory of `info`'s model that an artefact lies in (None: not in one)."""
+    name = export_dir_name(info.model_id, info.weights_sha256)
+    parts = Path(artefact).parts
+    return Path(*parts[: parts.index(name) + 1]) if name in parts else None
+
+
+def _query_models(artefact: Path, info: ModelInfo) -> Path | None:
+    """Where the compiled query models of an artefact's export are (None: not in an export)."""
+    export_dir = _export_dir_above(artefact, info)
+    return None if export_dir is None else export_dir / QUERY_MODELS_DIR
 
 
 def _runs_here(recipe: EncoderRecipe, open_: Callable[[], Encoder]) -> Encoder:
@@ -541,15 +582,12 @@ TEXT_MODELS = f"--model {CLIP_B32} (or hf:ORG/NAME, or a CLIP checkpoint directo
 def model_export_dir(index: Index) -> Path | None:
     """The export directory of the index's model: the one its recipe's artefact lies in, else the one
     in this machine's cache; None when neither exists."""
-    name = export_dir_name(index.model.model_id, index.model.weights_sha256)
     candidates = []
     recipe = index_recipe(index)
     if recipe is not None and recipe.artefact is not None:
-        parts = Path(recipe.artefact).parts
-        if name in parts:
-            candidates.append(Path(*parts[: parts.index(name) + 1]))
-    candidates.append(cache_root() / "models" / name)
-    return next((path for path in candidates if (path / METADATA_FILE).is_file()), None)
+        candidates.append(_export_dir_above(Path(recipe.artefact), index.model))
+    candidates.append(cache_root() / "models" / export_dir_name(index.model.model_id, index.model.weights_sha256))
+    return next((path for path in candidates if path is not None and (path / METADATA_FILE).is_file()), None)
 
 
 def _no_text_tower(index: Index, why: str) -> TextUnavailable:
@@ -599,7 +637,7 @@ def _text_encoder_for_index(
     """
     model_id = index.model.model_id
     export_dir = model_export_dir(index)
-    if model_id == BUNDLED or (export_dir is not None and read_metadata(export_dir).get("family") != "clip"):
+    if efficientnet_architecture(model_id) in EFFICIENTNET_LITE or (export_dir is not None and read_metadata(export_dir).get("family") != "clip"):
         raise _no_text_tower(index, f"the index was built with {model_id}, an image-only model")
     if export_dir is None:
         raise TextUnavailable(
