@@ -213,7 +213,10 @@ def create_app(
     async def ranked(live: Retriever, search: Callable[[], list[Hit]], name: str, options: SearchOptions,
                      stamps: list[float], batch_size: int) -> SearchOut:
         """Run the search in the threadpool; stamps are perf_counter() at start, decoded and encoded."""
-        hits = await run_in_threadpool(search)
+        try:
+            hits = await run_in_threadpool(search)
+        except ValueError as exc:  # options this index cannot answer (re-ranking a LanceDB store)
+            raise HTTPException(400, str(exc)) from None
         started, decoded, encoded, finished = *stamps, time.perf_counter()
         described = options.to_dict()
         return SearchOut(
