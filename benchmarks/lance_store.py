@@ -15,6 +15,7 @@ Two parts:
 
     python benchmarks/lance_store.py --embeddings /tmp/ray-scaling/db_embeddings.npy \
         --queries-dir /tmp/scaleout-10k/queries --synthetic 100000 300000 --out /tmp/lance-bench
+    python benchmarks/lance_store.py --synthetic 1000000 --stores lancedb --out /tmp/lance-1m  # one store a run
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from fastret.engine.index import exact_search  # noqa: E402
 from fastret.engine.lance_store import AnnParams, connect, write_table  # noqa: E402
 
 QUERIES = 1000
+STORES = ["hnswlib", "lancedb"]
 ONE_AT_A_TIME_BUDGET_S = 10.0
 
 
@@ -189,7 +191,7 @@ def run_child(kind: str, work: Path) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def compare(count: int, out: Path) -> list[dict]:
+def compare(count: int, out: Path, stores: list[str] = STORES) -> list[dict]:
     work = out / f"synthetic-{count}"
     work.mkdir(parents=True, exist_ok=True)
     vectors = synthetic(count + QUERIES, 512, 100, 16, seed=0)
@@ -197,7 +199,7 @@ def compare(count: int, out: Path) -> list[dict]:
     np.save(work / "queries.npy", vectors[count:])
     exact = exact_ids(vectors[:count], vectors[count:])
     rows = []
-    for store in ("hnswlib", "lancedb"):
+    for store in stores:
         row = {"store": store, "vectors": count, **run_child(f"build-{store}", work), **run_child(f"query-{store}", work)}
         row["recall@10"] = round(recall(np.load(work / f"query-{store}-ids.npy"), exact), 4)
         rows.append(row)
@@ -212,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--queries-dir", type=Path, default=Path("/tmp/scaleout-10k/queries"))
     parser.add_argument("--synthetic", type=int, nargs="*", default=[100_000, 300_000])
     parser.add_argument("--out", type=Path, default=Path("/tmp/lance-bench"))
+    parser.add_argument("--stores", nargs="+", choices=STORES, default=STORES, help="which stores to compare (default: both)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--work", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -225,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         queries = query_embeddings(args.queries_dir, args.out / "query_embeddings.npy")
         report["sweep_10k_augmented"] = sweep(db, queries, args.out)
         write_json(args.out / "lance_store.json", report)
-    report["synthetic"] = [row for count in args.synthetic for row in compare(count, args.out)]
+    report["synthetic"] = [row for count in args.synthetic for row in compare(count, args.out, args.stores)]
     report["machine_after"] = machine()
     write_json(args.out / "lance_store.json", report)
     if report["synthetic"]:
