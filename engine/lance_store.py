@@ -442,9 +442,10 @@ class LanceState(_Manifested):
     ) -> Written:
         """LanceDB's own delete (removed ids) and add (new ids from next_id), then its ANN upkeep:
         the index built once the table is large enough, new rows folded into it (`optimize`) when
-        they pass GRAPH_PENDING_SHARE of the table or on `compact` (which also drops old table
-        versions). The manifest (next id, build options) is written last; holds the writer lock
-        and refuses a state another writer changed since it was read."""
+        they pass GRAPH_PENDING_SHARE of the table or on `compact`. Old table versions are LanceDB's
+        to drop (after a week): a server pinned to one keeps reading it. The manifest (next id,
+        build options) is written last; holds the writer lock and refuses a state another writer
+        changed since it was read."""
         removed_ids = np.unique(np.asarray(list(removed), dtype=np.int64))
         rows_of(self.ids, removed_ids)  # every removed id is live
         if added is not None and added.embeddings.shape[1:] != (self.model.dim,):
@@ -472,12 +473,7 @@ class LanceState(_Manifested):
         if self.ann is None or table.index_stats(VECTOR_INDEX) is None:
             built = build_ann(table, ann)
             return built, "rebuilt" if built is not None else "kept"
-        if compact:
-            from datetime import timedelta
-
-            table.optimize(cleanup_older_than=timedelta(0))
-            return asdict(ann), "extended"
-        if _unindexed_rows(table) > GRAPH_PENDING_SHARE * table.count_rows():
+        if compact or _unindexed_rows(table) > GRAPH_PENDING_SHARE * table.count_rows():
             table.optimize()
             return asdict(ann), "extended"
         return asdict(ann), "kept"

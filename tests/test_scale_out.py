@@ -354,6 +354,22 @@ def test_lance_state_write_adds_and_deletes_by_id(synthetic_store):
         LanceState.read(index_dir).write(removed=[100])  # already gone
 
 
+def test_compact_folds_every_row_into_the_lance_index(synthetic_store, capsys):
+    from fastret.engine.index import Additions, Sources
+    from fastret.engine.lance_store import VECTOR_INDEX, LanceState
+    from fastret.service.stores import open_index
+
+    index_dir, _ = synthetic_store
+    LanceState.read(index_dir).write(Additions([Item("d/new.jpg", "d")], unit_rows(1, 64, seed=7), Sources.unknown(1)), [100])
+    before = open_index(index_dir)
+    assert before.table.index_stats(VECTOR_INDEX).num_unindexed_rows == 1  # under 1% of the table: scanned
+    assert main(["compact", str(index_dir)]) == 0
+    assert "LanceDB files compacted" in capsys.readouterr().err
+    after = open_index(index_dir)
+    assert after.table.index_stats(VECTOR_INDEX).num_unindexed_rows == 0
+    assert np.array_equal(after.ids, before.ids) and after.items == before.items
+
+
 def test_a_folder_with_both_stores_is_refused(synthetic_store):
     from fastret.service.stores import open_index
 
