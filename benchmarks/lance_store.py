@@ -42,6 +42,7 @@ from fastret.engine.lance_store import AnnParams, connect, write_table  # noqa: 
 
 QUERIES = 1000
 STORES = ["hnswlib", "lancedb"]
+PROBES = (40, 80)  # LanceDB's query-time partitions beyond AnnParams().nprobes
 ONE_AT_A_TIME_BUDGET_S = 10.0
 
 
@@ -182,6 +183,12 @@ def child(args: argparse.Namespace) -> None:
         result["q/s batch"] = len(queries) / (time.perf_counter() - started)
         np.save(work / f"{args.child}-ids.npy", np.asarray(found, np.int64))
         result.update(memory_mib())
+        if args.child == "query-lancedb":  # more partitions probed: recall against speed
+            for probes in PROBES:
+                started = time.perf_counter()
+                found = lance_search(table, queries, 10, replace(AnnParams(), nprobes=probes), batched=True)
+                result[f"q/s batch, {probes} probes"] = len(queries) / (time.perf_counter() - started)
+                np.save(work / f"probes-{probes}-ids.npy", found)
     print(json.dumps(result))
 
 
@@ -202,6 +209,8 @@ def compare(count: int, out: Path, stores: list[str] = STORES) -> list[dict]:
     for store in stores:
         row = {"store": store, "vectors": count, **run_child(f"build-{store}", work), **run_child(f"query-{store}", work)}
         row["recall@10"] = round(recall(np.load(work / f"query-{store}-ids.npy"), exact), 4)
+        for probes in PROBES if store == "lancedb" else ():
+            row[f"recall@10, {probes} probes"] = round(recall(np.load(work / f"probes-{probes}-ids.npy"), exact), 4)
         rows.append(row)
         print(row, flush=True)
     shutil.rmtree(work, ignore_errors=True)
