@@ -16,7 +16,9 @@ a category of their own); a category's row is the pairs that hold a copy of that
         [--scaled-index /tmp/fastret-scaled-index [--scaled-only]]
 
 --scaled-index times `fastret duplicates INDEX --json` on an existing index (the 10,000-image
-augmented set of make_scaled_set.py, indexed with `fastret index`).
+augmented set of make_scaled_set.py, indexed with `fastret index`). --index-cost DIR measures what
+keeping thumbnails costs `fastret index`: the embedding pipeline over DIR's images with and
+without them, alternating in one process, and the bytes they take per image.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import itertools
 import json
 import math
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -411,20 +414,52 @@ def choose_auto(runs: list[dict]) -> dict:
 
 
 def time_scaled(index_dir: Path, repeats: int) -> dict:
-    """Wall time of `fastret duplicates INDEX --json` (a new process each time), with the machine's load."""
+    """Wall and CPU time of `fastret duplicates INDEX --json` (a new process each time), with the machine's load."""
     runs = []
     for _ in range(repeats):
         load = os.getloadavg()[0]
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.perf_counter()
         done = subprocess.run([sys.executable, "-m", "fastret.cli.main", "duplicates", str(index_dir), "--json"],
                               check=True, capture_output=True, text=True)
         wall = time.perf_counter() - started
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)  # its verifying processes too
         report = json.loads(done.stdout)
-        runs.append({"wall_s": round(wall, 2), "load_1m_before": round(load, 2), "items": report["items"],
-                     "groups": len(report["groups"]), "duplicates": report["duplicates"], "seconds": report["seconds"]})
-        print(f"[scaled] {report['items']} items: {wall:.2f} s wall (load {load:.2f}), {len(report['groups'])} groups",
-              flush=True)
+        runs.append({"wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "load_1m_before": round(load, 2),
+                     "items": report["items"], "groups": len(report["groups"]), "duplicates": report["duplicates"],
+                     "seconds": report["seconds"]})
+        print(f"[scaled] {report['items']} items: {wall:.2f} s wall, {cpu:.2f} s CPU (load {load:.2f}), "
+              f"{len(report['groups'])} groups", flush=True)
     return {"index": str(index_dir), "runs": runs}
+
+
+def index_cost(folder: Path, images: int, repeats: int) -> dict:
+    """Images/s of the index job's pipeline (decode, embed) without and with thumbnails, alternating
+    (the same files, encoder and process), and the thumbnails' bytes per image."""
+    from common import spread
+    from fastret.engine.pipeline import embed_files
+    from fastret.service.load import open_encoder
+
+    encoder = open_encoder(image_dir=folder, workload="throughput")
+    paths = spread(list_images(folder), images)
+    embed_files(paths[:64], encoder, thumbnails=True)  # warm up the runtime, OpenCV and the page cache
+    runs = []
+    for repeat in range(repeats):
+        for thumbnails in (False, True):
+            load = os.getloadavg()[0]
+            started = time.perf_counter()
+            result = embed_files(paths, encoder, thumbnails=thumbnails)
+            seconds = time.perf_counter() - started
+            run = {"repeat": repeat, "thumbnails": thumbnails, "images": len(result.paths), "seconds": round(seconds, 2),
+                   "images_per_s": round(len(result.paths) / seconds, 1), "load_1m_before": round(load, 2)}
+            if thumbnails:
+                kept = result.thumbnails
+                run["bytes_per_image"] = round((sum(part.nbytes for part in kept.parts) + kept.table.nbytes) / len(kept), 1)
+                run["embedding_bytes_per_image"] = result.embeddings.shape[1] * 4
+            print(f"[index cost] thumbnails {thumbnails}: {run['images_per_s']} images/s (load {load:.2f})", flush=True)
+            runs.append(run)
+    return {"folder": str(folder), "model": encoder.info.model_id, "runs": runs}
 
 
 def plot(result: dict, auto: dict, path: Path) -> None:
@@ -464,10 +499,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scaled-index", type=Path, default=None, help="time `fastret duplicates` on this index")
     parser.add_argument("--scaled-only", action="store_true", help="only the --scaled-index timing")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--index-cost", type=Path, default=None, metavar="DIR",
+                        help="only: images/s of the index pipeline over DIR without and with thumbnails")
+    parser.add_argument("--index-cost-images", type=int, default=1000)
     parser.add_argument("--work", type=Path, default=Path("/tmp/fastret-duplicates"), help="sets, indexes, hash cache")
     parser.add_argument("--out", type=Path, default=OUT / "duplicates")
     parser.add_argument("--plot", type=Path, default=REPO / "docs" / "duplicates-pr.png")
     args = parser.parse_args(argv)
+    if args.index_cost is not None:
+        write_json(args.out / "duplicates-index-cost.json",
+                   {"command": " ".join(sys.argv), "machine": machine(),
+                    "index_cost": index_cost(args.index_cost, args.index_cost_images, args.repeats)})
+        return 0
     if args.scaled_only:
         if args.scaled_index is None:
             parser.error("--scaled-only needs --scaled-index")

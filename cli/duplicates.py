@@ -42,6 +42,7 @@ def register(commands) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from fastret.engine.duplicates import NEIGHBOURS
+    from fastret.engine.encoders import default_threads
     from fastret.service.duplicates import apply_actions, find_duplicates, open_for_duplicates, parse_threshold, plan_actions
 
     threshold = parse_threshold(args.threshold)  # bad values are refused before any work
@@ -52,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
         on_skip=lambda skip: log(skip.line()), log=log,
     )
     report = find_duplicates(retriever, threshold=threshold, mirrored=not args.no_mirrored,
-                             neighbours=args.neighbours or NEIGHBOURS)
+                             neighbours=args.neighbours or NEIGHBOURS, workers=args.threads,
+                             processes=args.threads or default_threads())
     for skip in report.skipped:
         log(skip.line())
     actions = plan_actions(report, args.move_to, link=args.link) if args.move_to is not None else []

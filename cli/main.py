@@ -135,7 +135,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                     "query": display_path(name),
                     "model": retriever.index.model.model_id,
                     "backend": backend,
-                    **options.to_dict(),
+                    **retriever.describe(options),
                     "seconds": {"load": round(loaded - started, 4), "query": round(finished - loaded, 4)},
                     "results": [hit.to_dict() for hit in hits],
                 },
@@ -144,6 +144,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         )
         return 0
     label = "Probability" if options.score == "softmax" else "Similarity Score"
+    if options.rerank.active:
+        label = "Re-ranked Score"  # cosine in the re-ranking space (README 'What a score means')
     print(f"Top {len(hits)} most similar images:")
     for hit in hits:
         print(f"{hit.rank}. {display_path(hit.path)} - {label}: {hit.score:.2f}")

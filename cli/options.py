@@ -54,16 +54,20 @@ def add_search_options(parser: argparse.ArgumentParser, *, with_k: bool = True) 
     """The search service's options (fastret.service.search.SearchOptions), as flags."""
     if with_k:
         parser.add_argument("-k", type=int_in(1, MAX_K), default=10, help="results to show (default: 10)")
-    parser.add_argument("--exact", action="store_true", help="brute-force search instead of HNSW")
-    parser.add_argument("--ef", type=int_in(1), default=None, help="HNSW ef at query time (default: the index's)")
-    group = parser.add_argument_group("re-ranking (off by default; see README 'Re-ranking and query expansion')")
+    parser.add_argument("--exact", action="store_true", help="brute-force search instead of HNSW (the same pipeline)")
+    parser.add_argument("--ef", "--ef-search", type=int_in(1), default=None,
+                        help="HNSW ef at query time (default: the index's; re-ranked: the one measured at build time)")
+    group = parser.add_argument_group("re-ranking (on by default; see README 'Re-ranking and query expansion')")
     recommended = RECOMMENDED_RERANK
-    group.add_argument(
+    choice = group.add_mutually_exclusive_group()
+    choice.add_argument(
         "--rerank",
         action="store_true",
-        help=f"the recommended re-ranking: PCA {recommended.pca_dim} + DBA {recommended.dba_n} + alpha-QE "
-        f"{recommended.qe_n} (exact search)",
+        help=f"the recommended re-ranking, the default: PCA {recommended.pca_dim} + DBA {recommended.dba_n} + "
+        f"alpha-QE {recommended.qe_n}, searched through the index's re-ranking graph",
     )
+    choice.add_argument("--no-rerank", action="store_true",
+                        help="the plain ranking: cosine of the raw embeddings (scores comparable across queries)")
     group.add_argument("--flip-tta", action="store_true", help="average each embedding made now with its mirror image's")
     group.add_argument("--pca", type=int_in(1), default=None, metavar="DIM", help="PCA to DIM dims, fitted on the database")
     group.add_argument("--pca-power", type=float, default=None, help="0 plain PCA (default), 0.5 full whitening")
@@ -74,9 +78,9 @@ def add_search_options(parser: argparse.ArgumentParser, *, with_k: bool = True) 
 
 
 def rerank_options(args: argparse.Namespace) -> RerankOptions:
-    """The options the flags ask for: the recommended set under --rerank, else none, then overrides."""
+    """The options the flags ask for: the recommended set unless --no-rerank, then overrides."""
     return rerank_request(
-        args.rerank,
+        not args.no_rerank,
         pca_dim=args.pca,
         pca_power=args.pca_power,
         dba_n=args.dba,

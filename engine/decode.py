@@ -316,18 +316,39 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def decode_rgb(
+@dataclass(frozen=True)
+class Decoded:
+    """A decoded image: upright 8-bit RGB (maybe reduced), where the full image lies in its pixels,
+    the full image's upright size, and the file's format (Pillow's name)."""
+
+    rgb: Image.Image
+    content: Box
+    size: tuple[int, int]
+    format: str | None
+
+
+_SWAPS_SIDES = {Image.Transpose.TRANSPOSE, Image.Transpose.TRANSVERSE, Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_270}
+
+
+def upright_size(img: Image.Image) -> tuple[int, int]:
+    """An opened image's (width, height) once its EXIF orientation is applied, from the header alone."""
+    width, height = img.size
+    return (height, width) if _upright_transposition(img) in _SWAPS_SIDES else (width, height)
+
+
+def decode_image(
     source: str | Path | BinaryIO, *, max_pixels: int = DEFAULT_MAX_PIXELS, reduce_to: int | None = None
-) -> tuple[Image.Image, Box]:
+) -> Decoded:
     """Decode one file to upright (EXIF orientation applied) 8-bit RGB, or raise ImageError.
 
     `source` may also be a seekable binary file (an upload held in memory). `reduce_to` lets the
     JPEG decoder downscale by 1/2, 1/4 or 1/8 in the DCT domain while both sides stay >= it: large
-    photos decode several times faster. Also returns where the full image lies in the result's
+    photos decode several times faster. `content` is where the full image lies in the result's
     pixels, fractional after a reduced decode (1333 rows at 1/4 decode to 334 but span 333.25).
     """
     img = _open(source if hasattr(source, "read") else Path(source), max_pixels)
     with img:
+        full_size, file_format = img.size, img.format
         try:
             drafted = img.draft("RGB", (reduce_to, reduce_to)) if reduce_to else None
             img.load()
@@ -337,8 +358,17 @@ def decode_rgb(
         transposition = _upright_transposition(img)
     box = drafted[1] if drafted else (0.0, 0.0, float(rgb.width), float(rgb.height))
     if transposition is None:
-        return rgb, box
-    return rgb.transpose(transposition), transposed_box(box, rgb.size, transposition)
+        return Decoded(rgb, box, full_size, file_format)
+    size = (full_size[1], full_size[0]) if transposition in _SWAPS_SIDES else full_size
+    return Decoded(rgb.transpose(transposition), transposed_box(box, rgb.size, transposition), size, file_format)
+
+
+def decode_rgb(
+    source: str | Path | BinaryIO, *, max_pixels: int = DEFAULT_MAX_PIXELS, reduce_to: int | None = None
+) -> tuple[Image.Image, Box]:
+    """decode_image's pixels and where the full image lies in them."""
+    decoded = decode_image(source, max_pixels=max_pixels, reduce_to=reduce_to)
+    return decoded.rgb, decoded.content
 
 
 def resize_and_crop(img: Image.Image, spec: Preprocessing, content: Box | None = None) -> Image.Image:
@@ -375,8 +405,19 @@ def load_pixels(
 
     `draft` decodes JPEGs reduced in the DCT domain, never below the resize target.
     """
-    rgb, content = decode_rgb(path, max_pixels=max_pixels, reduce_to=spec.resize if draft else None)
-    return np.asarray(resize_and_crop(rgb, spec, content), dtype=np.uint8)
+    return load_pixels_and_image(path, spec, draft=draft, max_pixels=max_pixels)[0]
+
+
+def load_pixels_and_image(
+    path: str | Path | BinaryIO,
+    spec: Preprocessing,
+    *,
+    draft: bool = True,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> tuple[np.ndarray, Decoded]:
+    """load_pixels' crop and the decoded image it was cut from (for what else an index keeps of it)."""
+    decoded = decode_image(path, max_pixels=max_pixels, reduce_to=spec.resize if draft else None)
+    return np.asarray(resize_and_crop(decoded.rgb, spec, decoded.content), dtype=np.uint8), decoded
 
 
 def list_images(

@@ -15,19 +15,20 @@ of pairwise-similar shots. Functions work on row positions (0..N-1) of the calle
 from __future__ import annotations
 
 import math
+import multiprocessing
 import os
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from fastret.engine.decode import DEFAULT_MAX_PIXELS, ImageError, decode_rgb
+from fastret.engine.decode import DEFAULT_MAX_PIXELS, Decoded, ImageError, decode_image, upright_size
 from fastret.engine.files import sha256_files
+from fastret.engine.thumbnails import Thumbnail
 
 NEIGHBOURS = 6
 """Candidates proposed per image (its nearest neighbours in the index)."""
@@ -79,7 +80,7 @@ def file_facts(path: Path) -> FileFacts:
     stat = os.stat(path)
     try:
         with Image.open(path) as img:
-            width, height = img.size
+            width, height = upright_size(img)
     except Exception as exc:  # any Pillow plugin error is this file's problem
         raise ImageError(f"cannot read its size: {' '.join(str(exc).split()) or type(exc).__name__}") from None
     return FileFacts(width, height, stat.st_size, stat.st_mtime)
@@ -132,13 +133,13 @@ def candidate_pairs(
 ) -> dict[int, list[tuple[int, float]]]:
     """Each row's candidates among `rows` (both directions of every kNN pair), most similar first.
 
-    One batched search per `batch_size` queries; the cosines are recomputed from the embeddings,
-    so they do not depend on how the search scored.
+    One batched search per `batch_size` queries; the cosines are recomputed from the embeddings
+    (once per pair, a slice at a time), so they do not depend on how the search scored.
     """
     rows = np.asarray(rows, dtype=np.int64)
     wanted = np.zeros(len(embeddings), dtype=bool)
     wanted[rows] = True
-    found_pairs, found_cosines = [], []
+    found_pairs = [np.empty((0, 2), np.int64)]
     for start in range(0, len(rows), batch_size):
         queries = rows[start : start + batch_size]
         vectors = np.asarray(embeddings[queries], dtype=np.float32)
@@ -146,21 +147,25 @@ def candidate_pairs(
         usable = (found >= 0) & (found != queries[:, None])
         usable[usable] = wanted[found[usable]]
         query_at, column = np.nonzero(usable)
-        others = found[query_at, column]
-        cosines = np.einsum("ij,ij->i", vectors[query_at], np.asarray(embeddings[others], dtype=np.float32))
-        close = cosines >= min_cosine
-        pair = np.stack([queries[query_at], others], axis=1)[close]
-        found_pairs.append(np.sort(pair, axis=1))
-        found_cosines.append(cosines[close])
-    pairs, first = np.unique(np.concatenate(found_pairs), axis=0, return_index=True)
-    cosines = np.concatenate(found_cosines)[first]
+        found_pairs.append(np.sort(np.stack([queries[query_at], found[query_at, column]], axis=1), axis=1))
+    pairs = np.concatenate(found_pairs)
+    keys = np.unique(pairs[:, 0] * len(embeddings) + pairs[:, 1])
+    pairs = np.stack([keys // len(embeddings), keys % len(embeddings)], axis=1)
+    cosines = np.concatenate([np.empty(0, np.float32)] + [
+        np.einsum("ij,ij->i", np.asarray(embeddings[chunk[:, 0]], np.float32), np.asarray(embeddings[chunk[:, 1]], np.float32))
+        for chunk in np.split(pairs, range(COSINE_CHUNK, len(pairs), COSINE_CHUNK))
+    ])
+    close = cosines >= min_cosine
     candidates: dict[int, list[tuple[int, float]]] = {}
-    for (a, b), cosine in zip(pairs.tolist(), cosines.tolist()):
+    for (a, b), cosine in zip(pairs[close].tolist(), cosines[close].tolist()):
         candidates.setdefault(a, []).append((b, cosine))
         candidates.setdefault(b, []).append((a, cosine))
     for listed in candidates.values():
         listed.sort(key=lambda pair: (-pair[1], pair[0]))
     return candidates
+
+
+COSINE_CHUNK = 1024  # pairs whose rows are gathered at once: small enough to stay in cache
 
 
 # --- pixel verification -------------------------------------------------------------------------
@@ -171,12 +176,11 @@ Keypoints = tuple[np.ndarray, "np.ndarray | None"]  # (n, 2) float32 positions, 
 
 class PixelFeatures:
     """A grey thumbnail with uniform borders trimmed, and its ORB keypoints, plain and mirrored,
-    each found when first needed (a copy of the same shape may never need them)."""
+    each found when first needed (a copy of the same shape may never need them) unless given."""
 
-    def __init__(self, thumb: np.ndarray) -> None:
+    def __init__(self, thumb: np.ndarray, keypoints: Keypoints | None = None) -> None:
         self.thumb = thumb  # (h, w) uint8
-        self._keypoints: dict[bool, Keypoints] = {}
-        self._finding = threading.Lock()  # a representative is verified against several rows at once
+        self._keypoints: dict[bool, Keypoints] = {} if keypoints is None else {False: keypoints}
         self._sketch: np.ndarray | None = None
 
     def sketch(self, mirrored: bool) -> np.ndarray:
@@ -192,10 +196,9 @@ class PixelFeatures:
         return np.ascontiguousarray(self.thumb[:, ::-1]) if mirrored else self.thumb
 
     def keypoints(self, mirrored: bool) -> Keypoints:
-        with self._finding:
-            if mirrored not in self._keypoints:
-                self._keypoints[mirrored] = _orb(self.view(mirrored))
-            return self._keypoints[mirrored]
+        if mirrored not in self._keypoints:
+            self._keypoints[mirrored] = _orb(self.view(mirrored))
+        return self._keypoints[mirrored]
 
 
 @dataclass(frozen=True)
@@ -235,19 +238,64 @@ def _leading(flags: np.ndarray, limit: int) -> int:
     return int(false[0]) if len(false) else limit
 
 
-def pixel_features(path: Path, facts: FileFacts, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> PixelFeatures:
-    """Decode small (EXIF orientation applied) and trim borders; raises ImageError.
+def short_side_needed(size: tuple[int, int]) -> int:
+    """The shorter side a decode of an image of this size needs for its thumbnail."""
+    return max(1, math.ceil(THUMB_SIDE * min(size) / max(size)))
 
-    JPEGs decode reduced in the DCT domain to no less than the thumbnail needs.
+
+def grey_thumbnail(decoded: Decoded) -> np.ndarray:
+    """The grey thumbnail pixels are compared on: longer side THUMB_SIDE (never enlarged), uniform borders trimmed.
+
+    It is resampled from the JPEG reduction a decode for it alone would use (pixel_features): a
+    larger decode (the index's, for its encoder) is box-reduced to that scale first, as the JPEG
+    decoder's DCT scaling does, so both make nearly the same thumbnail.
     """
-    short_side_needed = math.ceil(THUMB_SIDE * min(facts.width, facts.height) / max(facts.width, facts.height))
-    rgb, _ = decode_rgb(path, max_pixels=max_pixels, reduce_to=max(1, short_side_needed))
+    rgb = decoded.rgb
+    if decoded.format == "JPEG":
+        wanted = _draft_scale(decoded.size, short_side_needed(decoded.size))
+        extra = wanted // max(1, round(decoded.size[0] / rgb.width))
+        if extra > 1:
+            rgb = rgb.reduce(extra)
     grey = rgb.convert("L")
     scale = THUMB_SIDE / max(grey.size)
     if scale < 1:
         size = (max(1, round(grey.width * scale)), max(1, round(grey.height * scale)))
         grey = grey.resize(size, Image.Resampling.BILINEAR)
-    return PixelFeatures(np.ascontiguousarray(trim_uniform_border(np.asarray(grey))))
+    return np.ascontiguousarray(trim_uniform_border(np.asarray(grey)))
+
+
+def _draft_scale(size: tuple[int, int], side: int) -> int:
+    """The DCT reduction (1, 2, 4 or 8) Pillow's JPEG draft picks so that both sides stay >= side."""
+    fits = min(size[0] // side, size[1] // side)
+    return next(scale for scale in (8, 4, 2, 1) if fits >= scale or scale == 1)
+
+
+def thumbnail_of(decoded: Decoded, path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Thumbnail:
+    """What an index keeps of an image it decoded from `path`, for this module to verify it later
+    without decoding it again. A decode reduced below the thumbnail's size (for an encoder of
+    small inputs) is redone for it; raises ImageError."""
+    if min(decoded.rgb.size) < min(short_side_needed(decoded.size), *decoded.size):
+        decoded = decode_image(path, max_pixels=max_pixels, reduce_to=short_side_needed(decoded.size))
+    pixels = grey_thumbnail(decoded)
+    points, descriptors = _orb(pixels)
+    if descriptors is None:
+        descriptors = np.empty((0, 32), np.uint8)
+    return Thumbnail(decoded.size[0], decoded.size[1], pixels, points.astype(np.float32), descriptors)
+
+
+def stored_features(thumbnail: Thumbnail) -> PixelFeatures:
+    """PixelFeatures of a thumbnail kept in the index (its plain keypoints included)."""
+    descriptors = thumbnail.descriptors if len(thumbnail.descriptors) else None
+    return PixelFeatures(thumbnail.pixels, (thumbnail.points, descriptors))
+
+
+def pixel_features(path: Path, facts: FileFacts, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> PixelFeatures:
+    """Decode small (EXIF orientation applied) and trim borders; raises ImageError.
+
+    JPEGs decode reduced in the DCT domain to no less than the thumbnail needs.
+    """
+    decoded = decode_image(path, max_pixels=max_pixels, reduce_to=short_side_needed((facts.width, facts.height)))
+    return PixelFeatures(grey_thumbnail(decoded))
 
 
 def facts_and_features(
@@ -277,11 +325,12 @@ def match_pixels(
     """The best alignment of b onto a (onto a's mirror image too when `mirrored`), or None.
 
     Cheapest first, stopping once one agrees `enough`: the two thumbnails as they are when they
-    have one shape (a resized, re-saved or brightened copy), then keypoint alignment.
+    have one shape (a resized, re-saved or brightened copy), plain then mirrored, then keypoint
+    alignment, plain then mirrored.
     """
     best: PixelMatch | None = None
-    for flipped in (False, True) if mirrored else (False,):
-        for align in (_same_frame, _aligned):
+    for align in (_same_frame, _aligned):
+        for flipped in (False, True) if mirrored else (False,):
             found = align(a, b, flipped)
             if found is not None and (best is None or found.agreement > best.agreement):
                 best = found
@@ -391,6 +440,8 @@ def _orb(thumb: np.ndarray) -> Keypoints:
     import cv2
 
     keypoints, descriptors = _detector().detectAndCompute(thumb, None)
+    if not keypoints:  # a flat picture: nothing to align by
+        return np.empty((0, 2), np.float32), None
     return cv2.KeyPoint_convert(keypoints).reshape(-1, 2), descriptors
 
 
@@ -441,7 +492,7 @@ def star_groups(
     candidates: dict[int, list[tuple[int, float]]],
     verify: Callable[[int, int], PixelMatch | None],
     *,
-    workers: int = 1,
+    processes: int = 1,
 ) -> list[Group]:
     """Groups around representatives, each verified member against its representative.
 
@@ -449,35 +500,86 @@ def star_groups(
     becomes a representative and takes each ungrouped candidate for which verify(rep, row)
     returns a match. Since every member is checked against the representative itself, A~B and
     B~C never put A and C in one group unless A~C.
+
+    A group never leaves its connected component of the candidate graph, so with `processes` > 1
+    the components are grouped in that many forked processes (where the platform forks; the
+    verification holds the GIL too often for threads to help) with the same result.
     """
+    if processes <= 1 or "fork" not in multiprocessing.get_all_start_methods():
+        return _star_groups(priority, candidates, verify)
+    order = {row: position for position, row in enumerate(priority)}
+    chunks = _balanced_chunks(connected_components(priority, candidates), processes * 4)
+    global _forked_job
+    _forked_job = (order, candidates, verify)
+    try:
+        with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork")) as pool:
+            found = [group for groups in pool.map(_star_groups_of, chunks) for group in groups]
+    finally:
+        _forked_job = None
+    return sorted(found, key=lambda group: order[group.representative])
+
+
+_forked_job: tuple | None = None  # what forked workers group: (priority positions, candidates, verify)
+
+
+def _star_groups_of(rows: list[int]) -> list[Group]:
+    order, candidates, verify = _forked_job
+    return _star_groups(sorted(rows, key=order.__getitem__), candidates, verify)
+
+
+def connected_components(rows: Sequence[int], candidates: dict[int, list[tuple[int, float]]]) -> list[list[int]]:
+    """The rows split into connected components of the candidate graph (each row once)."""
+    seen: set[int] = set()
+    components = []
+    for start in rows:
+        if start in seen:
+            continue
+        seen.add(start)
+        component, stack = [], [start]
+        while stack:
+            row = stack.pop()
+            component.append(row)
+            for other, _ in candidates.get(row, ()):
+                if other not in seen:
+                    seen.add(other)
+                    stack.append(other)
+        components.append(component)
+    return components
+
+
+def _balanced_chunks(components: list[list[int]], count: int) -> list[list[int]]:
+    """Components dealt into about `count` chunks of similar size, largest first."""
+    chunks: list[list[int]] = [[] for _ in range(max(1, min(count, len(components))))]
+    for component in sorted(components, key=len, reverse=True):
+        min(chunks, key=len).extend(component)
+    return [chunk for chunk in chunks if chunk]
+
+
+def _star_groups(
+    priority: Sequence[int], candidates: dict[int, list[tuple[int, float]]], verify: Callable[[int, int], PixelMatch | None]
+) -> list[Group]:
     grouped: set[int] = set()
     groups: list[Group] = []
-    pool = ThreadPoolExecutor(workers, thread_name_prefix="fastret-verify") if workers > 1 else None
-    try:
-        for rep in priority:
-            if rep in grouped:
-                continue
-            members: list[Member] = []
-            tried = {rep}
-            frontier = [rep]
-            while frontier:  # the representative's candidates, then its new members' candidates
-                others = [
-                    (row, cosine)
-                    for source in frontier
-                    for row, cosine in candidates.get(source, ())
-                    if row not in grouped and row not in tried and not tried.add(row)
-                ]
-                check = partial(_verified, verify, rep)
-                found = [m for m in (pool.map(check, others) if pool is not None else map(check, others)) if m is not None]
-                members.extend(found)
-                frontier = [member.row for member in found]
-            if members:
-                grouped.add(rep)
-                grouped.update(member.row for member in members)
-                groups.append(Group(rep, members))
-    finally:
-        if pool is not None:
-            pool.shutdown()
+    for rep in priority:
+        if rep in grouped:
+            continue
+        members: list[Member] = []
+        tried = {rep}
+        frontier = [rep]
+        while frontier:  # the representative's candidates, then its new members' candidates
+            others = [
+                (row, cosine)
+                for source in frontier
+                for row, cosine in candidates.get(source, ())
+                if row not in grouped and row not in tried and not tried.add(row)
+            ]
+            found = [member for member in (_verified(verify, rep, other) for other in others) if member is not None]
+            members.extend(found)
+            frontier = [member.row for member in found]
+        if members:
+            grouped.add(rep)
+            grouped.update(member.row for member in members)
+            groups.append(Group(rep, members))
     return groups
 
 

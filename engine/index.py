@@ -8,9 +8,13 @@ Layout of an index directory::
     INDEX/v-<stamp>/seg-NNNNNN.npy          a segment's embeddings, one float32 row per stored item
     INDEX/v-<stamp>/seg-NNNNNN.items.json   its items' paths and labels
     INDEX/v-<stamp>/seg-NNNNNN.files.npy    their ids, and their files' sizes, mtimes and sha256
+    INDEX/v-<stamp>/seg-NNNNNN.thumbs.npy   (optional) their grey thumbnails for the duplicate finder:
+    INDEX/v-<stamp>/seg-NNNNNN.thumbs-data.npy   a table and the bytes (fastret.engine.thumbnails)
     INDEX/v-<stamp>/deleted.npy             ids removed since their segment was written
     INDEX/v-<stamp>/graph-NNNNNN.bin        the HNSW graph; its labels are item ids
     INDEX/v-<stamp>/graph-deleted.npy       ids removed since the graph was written (marked on load)
+    INDEX/v-<stamp>/rerank-NNNNNN.*         the re-ranking state (engine/rerank.py): PCA, projected and
+                                            DBA'd vectors, neighbourhoods, and their HNSW graph
 
 Segment and graph files never change once written. A new version hard-links the ones it keeps
 (copies them where the file system has no hard links) and writes only what changed: an edit of a
@@ -19,6 +23,11 @@ written are searched exactly until they pass GRAPH_PENDING_SHARE of the index, w
 takes them in (hnswlib `replace_deleted` reuses the slots of removed items); removed items stay
 stored, skipped through the deletion lists, until they pass COMPACT_DEAD_SHARE, when the version
 is compacted (one segment, a fresh graph). Small trailing segments are merged as they accumulate.
+
+The re-ranking state is derived data, written by writers only: every version's holds its live
+items. An edit updates it with the stored PCA (`update_state`) and rewrites its files (they grow
+with the index, unlike segments); a full build, a compaction, or an edit that brings the items
+added since the fit past REFIT_SHARE of those fitted on fits it anew. Readers load it on first use.
 
 Item ids are stable: an id is never given to another file within the index's life, the rows of
 `Index.embeddings` are the live items in id order, and `Index.ids[row]` is a row's id.
@@ -55,6 +64,19 @@ import numpy as np
 
 from fastret.engine.encoders import ModelInfo
 from fastret.engine.files import fsync_path, sha256_files, write_text_atomic
+from fastret.engine.rerank import (
+    GRAPH_GROWTH,
+    RECOMMENDED_RERANK,
+    REFIT_SHARE,
+    TARGET_RECALL,
+    PcaWhitening,
+    RerankOptions,
+    RerankState,
+    fit_state,
+    fitted_options,
+    update_state,
+)
+from fastret.engine.thumbnails import Thumbnails
 
 FORMAT_VERSION = 2
 READABLE_FORMATS = (1, 2)
@@ -78,8 +100,6 @@ COMPACT_DEAD_SHARE = 0.2
 """Removed items still stored (in segments, or marked in the graph) above this share: compact."""
 GRAPH_PENDING_SHARE = 0.01
 """Items outside the graph above this share of the index: the graph takes them in."""
-GRAPH_GROWTH = 1.5
-"""When the graph must grow, it grows to this many times what it needs (hnswlib resize_index)."""
 SEGMENT_MERGE_RATIO = 2
 """A trailing segment merges into the one before it when that one holds at most this many times
 its items: segments stay few (logarithmic in the items added) and each row is rewritten rarely."""
@@ -161,12 +181,15 @@ class Additions:
     items: list[Item]
     embeddings: np.ndarray
     sources: Sources
+    thumbnails: Thumbnails | None = None  # None: none made
 
     def __post_init__(self) -> None:
         if not len(self.items) == len(self.embeddings) == len(self.sources):
             raise ValueError(
                 f"additions: {len(self.items)} items, {len(self.embeddings)} embeddings, {len(self.sources)} sources"
             )
+        if self.thumbnails is not None and len(self.thumbnails) != len(self.items):
+            raise ValueError(f"additions: {len(self.items)} items, {len(self.thumbnails)} thumbnails")
 
     def __len__(self) -> int:
         return len(self.items)
@@ -195,6 +218,11 @@ class Index:
     next_id: int | None = None  # the id the next added item gets; None: one past the last id
     graph_rows: int | None = None  # rows [0, graph_rows) are in hnsw; None: all rows
     build: dict = field(default_factory=dict)  # how the gallery was read: {"draft", "include_hidden"}
+    thumbnails: Thumbnails | None = None  # per row, for the duplicate finder; None: none kept
+    rerank_options: RerankOptions | None = RECOMMENDED_RERANK  # the re-ranking state saved with it (None: none)
+    reranking: RerankState | None = None  # that state, once fitted or loaded (see rerank_state)
+    _rerank_entry: dict | None = field(default=None, repr=False)  # a loaded version's manifest entry
+    _rerank_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
         if self.embeddings.ndim != 2 or self.embeddings.shape != (len(self.items), self.model.dim):
@@ -211,6 +239,8 @@ class Index:
             raise BadIndex(f"next item id {self.next_id} is not above the last id {last}")
         if self.sources is not None and len(self.sources) != len(self.items):
             raise BadIndex(f"{len(self.sources)} source records for {len(self.items)} items")
+        if self.thumbnails is not None and len(self.thumbnails) != len(self.items):
+            raise BadIndex(f"{len(self.thumbnails)} thumbnails for {len(self.items)} items")
 
     def __len__(self) -> int:
         return len(self.items)
@@ -262,6 +292,14 @@ class Index:
         order = np.lexsort((rows, -scores), axis=1)[:, :k]
         return np.take_along_axis(rows, order, axis=1).astype(np.int64), np.take_along_axis(scores, order, axis=1)
 
+    def rerank_state(self) -> RerankState | None:
+        """The version's re-ranking state, loaded on first use (BadIndex when its files are
+        damaged); None for an index that holds none (built in memory, or by an older fastret)."""
+        with self._rerank_lock:
+            if self.reranking is None and self._rerank_entry is not None and self.version_dir is not None:
+                self.reranking = read_rerank(self.version_dir, self._rerank_entry, self.ids, self.hnsw_params)
+            return self.reranking
+
     # --- persistence --------------------------------------------------------------------------
 
     def save(
@@ -287,12 +325,16 @@ class Index:
         graph = self._complete_graph()
         segment = Segment.named(0, len(self))
         paths, labels = [item.path for item in self.items], [item.label for item in self.items]
-        _write_segment(staging, segment, self.ids, paths, labels, self.embeddings, self.sources or Sources.unknown(len(self)))
+        _write_segment(staging, segment, self.ids, paths, labels, self.embeddings, self.sources or Sources.unknown(len(self)),
+                       self.thumbnails)
         graph_file = GraphFile(_name("graph", 0) + ".bin", len(self), 0, self.next_id)
         graph.save_index(str(staging / graph_file.file))
         layout = Layout((segment,), _no_ids(), graph_file, _no_ids(), self.next_id, 1)
         _write_deletions(staging, layout)
-        return self._manifest(layout), {}
+        state = self.rerank_state() if self.rerank_options is not None else None
+        if self.rerank_options is not None and (state is None or not np.array_equal(state.ids, self.ids)):
+            state = self.reranking = fit_rerank(self.embeddings, self.ids, self.rerank_options, self.hnsw_params)
+        return self._manifest(layout, write_rerank(staging, state, 0, self.hnsw_params)), {}
 
     def _complete_graph(self):
         """The graph of every row with no deleted marks: the one held, or a new one."""
@@ -303,10 +345,10 @@ class Index:
             self.hnsw, self.graph_rows = build_hnsw(self.embeddings, self.hnsw_params, self.ids), None
         return self.hnsw
 
-    def _manifest(self, layout: "Layout") -> dict:
+    def _manifest(self, layout: "Layout", rerank: dict | None) -> dict:
         return manifest_of(
             model=self.model, root=self.root, count=len(self), hnsw_params=self.hnsw_params, created=self.created,
-            runtime=self.runtime, encoder=self.encoder, build=self.build, layout=layout,
+            runtime=self.runtime, encoder=self.encoder, build=self.build, layout=layout, rerank=rerank,
         )
 
     @classmethod
@@ -388,6 +430,24 @@ FILE_TABLE = np.dtype([("id", "<i8"), ("size", "<i8"), ("mtime_ns", "<i8"), ("sh
 """A segment's .files.npy: each stored item's id and its file's size, mtime_ns and sha256."""
 
 
+def thumbnail_files(segment: Segment) -> tuple[str, str]:
+    """The names of a segment's thumbnail table and bytes. They are optional (older indexes have
+    none): a segment has them when the manifest's file table lists them."""
+    stem = segment.embeddings_file.removesuffix(".npy")
+    return f"{stem}.thumbs.npy", f"{stem}.thumbs-data.npy"
+
+
+def _segment_thumbnails(version: Path, manifest: dict, segment: Segment, ids: np.ndarray) -> Thumbnails:
+    """A stored segment's thumbnails (rows without: none), BadIndex when its files do not fit it."""
+    table, data = thumbnail_files(segment)
+    if table not in manifest["files"] or data not in manifest["files"]:
+        return Thumbnails.absent(len(ids))
+    try:
+        return Thumbnails.load(version / table, version / data, ids)
+    except ValueError as exc:
+        raise BadIndex(f"{version}: damaged index, {exc}; {REINDEX}") from None
+
+
 @dataclass(frozen=True)
 class GraphFile:
     """An HNSW graph file: `slots` elements, `marked` of them marked deleted; it held every item
@@ -421,9 +481,9 @@ def _no_ids() -> np.ndarray:
 
 def manifest_of(
     *, model: ModelInfo, root: str, count: int, hnsw_params: HnswParams, created: float, runtime: dict | None,
-    encoder: dict | None, build: dict, layout: Layout,
+    encoder: dict | None, build: dict, layout: Layout, rerank: dict | None = None,
 ) -> dict:
-    """A format-2 manifest without its file table (the writer adds it)."""
+    """A format-2 manifest without its file table (the writer adds it); `rerank`: write_rerank's entry."""
     return {
         "format_version": FORMAT_VERSION,
         "model": model.to_dict(),
@@ -443,6 +503,7 @@ def manifest_of(
         "graph_deleted": len(layout.graph_deleted),
         "next_id": layout.next_id,
         "next_name": layout.next_name,
+        "rerank": rerank,
     }
 
 
@@ -475,8 +536,9 @@ def _layout_files(path: Path, manifest: dict) -> list[str]:
         names = [
             name for entry in manifest["segments"] for name in (entry["embeddings_file"], entry["items_file"], entry["files_file"])
         ]
-        return [*names, manifest["graph"]["file"], DELETED, GRAPH_DELETED]
-    except (KeyError, TypeError) as exc:
+        rerank = manifest.get("rerank")
+        return [*names, manifest["graph"]["file"], DELETED, GRAPH_DELETED, *(rerank["files"].values() if rerank else ())]
+    except (KeyError, TypeError, AttributeError) as exc:
         raise BadIndex(f"{path}: damaged index, bad layout ({type(exc).__name__}: {exc}); {REINDEX}") from None
 
 
@@ -494,10 +556,13 @@ def _write_deletions(staging: Path, layout: Layout) -> None:
 
 def _write_segment(
     staging: Path, segment: Segment, ids: np.ndarray, paths: list[str], labels: list[str], embeddings: np.ndarray,
-    sources: Sources,
+    sources: Sources, thumbnails: Thumbnails | None,
 ) -> None:
     np.save(staging / segment.embeddings_file, np.asarray(embeddings, dtype=np.float32))
     _write_items(staging, segment, ids, paths, labels, sources)
+    if thumbnails is not None and thumbnails.stored():
+        table, data = thumbnail_files(segment)
+        thumbnails.save(staging / table, staging / data, ids)
 
 
 def _write_items(
@@ -717,9 +782,23 @@ def _read_index(index_dir: Path, version: Path, manifest: dict) -> Index:
         next_id=layout.next_id,
         graph_rows=int(np.searchsorted(state.ids, layout.graph.id_bound)),
         build=manifest.get("build") or {},
+        thumbnails=_live_thumbnails(version, manifest, state),
+        rerank_options=_rerank_options(version, manifest.get("rerank")),
+        _rerank_entry=manifest.get("rerank"),
     )
     index.hnsw = _graph_of(version, layout, index)
     return index
+
+
+def _live_thumbnails(version: Path, manifest: dict, state: IndexState) -> Thumbnails | None:
+    """The live rows' thumbnails (their bytes memory-mapped); None when no segment has any."""
+    segments = state.layout.segments
+    if not any(thumbnail_files(segment)[0] in manifest["files"] for segment in segments):
+        return None
+    return Thumbnails.concat([
+        _segment_thumbnails(version, manifest, segment, part.ids).take(np.flatnonzero(mask))
+        for segment, part, mask in zip(segments, state.segment_items, state.kept)
+    ])
 
 
 def _live_rows(arrays: list[np.ndarray], kept: list[np.ndarray]) -> np.ndarray:
@@ -894,15 +973,34 @@ class _UpdatePlan:
             deleted = self.deleted[np.isin(self.deleted, stored)]
             layout = Layout(segments, deleted, graph_file, graph_deleted, self.next_id, self.next_name)
         _write_deletions(staging, layout)
+        rerank = write_rerank(staging, self._rerank_state(), self._number(), base.hnsw_params)
         manifest = manifest_of(
             model=base.model, root=base.root, count=len(self.live_ids), hnsw_params=base.hnsw_params,
             created=base.manifest["created"], runtime=base.manifest.get("runtime"), encoder=base.encoder,
-            build=self.build, layout=layout,
+            build=self.build, layout=Layout(layout.segments, layout.deleted, layout.graph, layout.graph_deleted,
+                                            layout.next_id, self.next_name), rerank=rerank,
         )
         written = [name for name in os.listdir(staging) if name not in known]
         self.bytes_written = sum((staging / name).stat().st_size for name in written)
         self.bytes_written += len(json.dumps(manifest, indent=2))  # about the manifest's size, table aside
         return manifest, known
+
+    def _rerank_state(self) -> RerankState | None:
+        """The base's re-ranking state after this edit: updated with its PCA, or fitted anew (a
+        compaction, no state yet, too many items added since the fit, or steps the new count
+        allows or forbids)."""
+        base, entry = self.base, self.base.manifest.get("rerank")
+        options = _rerank_options(base.version, entry) or RECOMMENDED_RERANK
+        if not len(self.live_ids):
+            return None
+        refit = self.compacted or entry is None or (
+            entry["added"] + len(self.added) > REFIT_SHARE * entry["fitted"]
+        ) or RerankOptions(**entry["ran"]) != fitted_options(len(self.live_ids), options)[0]
+        if not refit:
+            state = read_rerank(base.version, entry, base.ids, base.hnsw_params, allow_replace_deleted=True)
+            return update_state(state, self.added.embeddings, self.added_ids, self.removed)
+        everything = list(range(len(base.layout.segments))) + [-1]
+        return fit_rerank(self._rows(everything, self.live_ids)[2], self.live_ids, options, base.hnsw_params)
 
     def _number(self) -> int:
         """The number of the next segment or graph file this version writes."""
@@ -912,9 +1010,9 @@ class _UpdatePlan:
     def _compact(self, staging: Path) -> Layout:
         """One segment of the live rows and a fresh graph: nothing removed stays stored."""
         everything = list(range(len(self.base.layout.segments))) + [-1]
-        paths, labels, embeddings, sources = self._rows(everything, self.live_ids)
+        paths, labels, embeddings, sources, thumbnails = self._rows(everything, self.live_ids)
         segment = Segment.named(self._number(), len(self.live_ids))
-        _write_segment(staging, segment, self.live_ids, paths, labels, embeddings, sources)
+        _write_segment(staging, segment, self.live_ids, paths, labels, embeddings, sources, thumbnails)
         graph = GraphFile(_name("graph", self._number()) + ".bin", len(self.live_ids), 0, self.next_id)
         build_hnsw(embeddings, self.base.hnsw_params, self.live_ids).save_index(str(staging / graph.file))
         return Layout((segment,), _no_ids(), graph, _no_ids(), self.next_id, self.next_name)
@@ -939,9 +1037,9 @@ class _UpdatePlan:
             if plan.keep:
                 segments.append(self._keep(staging, known, plan.origins[0]))
                 continue
-            paths, labels, embeddings, sources = self._rows(plan.origins, plan.ids)
+            paths, labels, embeddings, sources, thumbnails = self._rows(plan.origins, plan.ids)
             segment = Segment.named(self._number(), len(plan.ids))
-            _write_segment(staging, segment, plan.ids, paths, labels, embeddings, sources)
+            _write_segment(staging, segment, plan.ids, paths, labels, embeddings, sources, thumbnails)
             segments.append(segment)
         return tuple(segments), np.concatenate([plan.ids for plan in planned]) if planned else _no_ids()
 
@@ -950,7 +1048,8 @@ class _UpdatePlan:
         base = self.base
         segment = base.layout.segments[number]
         if base.manifest["format_version"] != 1:
-            for name in (segment.embeddings_file, segment.items_file, segment.files_file):
+            thumbnails = [name for name in thumbnail_files(segment) if name in base.manifest["files"]]
+            for name in (segment.embeddings_file, segment.items_file, segment.files_file, *thumbnails):
                 _link(base.version / name, staging / name)
                 known[name] = base.manifest["files"][name]
             return segment
@@ -973,7 +1072,7 @@ class _UpdatePlan:
             return GraphFile(name, graph.slots, graph.marked, graph.id_bound), self.graph_deleted
         self.graph_action = "extended"
         everything = list(range(len(base.layout.segments))) + [-1]
-        _, _, vectors, _ = self._rows(everything, pending)
+        _, _, vectors, _, _ = self._rows(everything, pending)
         loaded = load_hnsw(base.version / graph.file, base.model.dim, graph.slots, base.hnsw_params,
                            allow_replace_deleted=True)
         for item_id in self.graph_deleted:
@@ -988,28 +1087,34 @@ class _UpdatePlan:
         loaded.save_index(str(staging / extended.file))
         return extended, _no_ids()
 
-    def _rows(self, origins: list[int], ids: np.ndarray) -> tuple[list[str], list[str], np.ndarray, Sources]:
-        """Paths, labels, embeddings and sources of `ids` (in id order), from base segments and the additions (-1)."""
+    def _rows(
+        self, origins: list[int], ids: np.ndarray
+    ) -> tuple[list[str], list[str], np.ndarray, Sources, Thumbnails]:
+        """Paths, labels, embeddings, sources and thumbnails of `ids` (in id order), from base
+        segments and the additions (-1)."""
         paths: list[str] = []
         labels: list[str] = []
-        vectors, sources = [], []
+        vectors, sources, thumbnails = [], [], []
         for origin in origins:
             if origin < 0:
                 stored, part_vectors, part_sources = self.added_ids, self.added.embeddings, self.added.sources
                 part_paths = [item.path for item in self.added.items]
                 part_labels = [item.label for item in self.added.items]
+                part_thumbnails = self.added.thumbnails or Thumbnails.absent(len(stored))
             else:
                 part = self.base.segment_items[origin]
                 segment = self.base.layout.segments[origin]
                 stored, part_paths, part_labels, part_sources = part.ids, part.paths, part.labels, part.sources
                 part_vectors = np.load(self.base.version / segment.embeddings_file, mmap_mode="r", allow_pickle=False)
+                part_thumbnails = _segment_thumbnails(self.base.version, self.base.manifest, segment, part.ids)
             rows = np.flatnonzero(np.isin(stored, ids))
             paths.extend(part_paths[row] for row in rows)
             labels.extend(part_labels[row] for row in rows)
             vectors.append(np.asarray(part_vectors[rows], dtype=np.float32))
             sources.append(part_sources.take(rows))
+            thumbnails.append(part_thumbnails.take(rows))
         vectors = np.concatenate(vectors) if vectors else np.empty((0, self.base.model.dim), np.float32)
-        return paths, labels, vectors, Sources.concat(sources)
+        return paths, labels, vectors, Sources.concat(sources), Thumbnails.concat(thumbnails)
 
 
 # --- the writer lock --------------------------------------------------------------------------
@@ -1234,6 +1339,84 @@ def check_hnsw_header(path: Path, dim: int, count: int, params: HnswParams) -> N
             f"{path}: damaged HNSW graph, its header disagrees with the manifest "
             f"({count} items, dim {dim}, M={M}): {'; '.join(wrong)}; {REINDEX}"
         )
+
+
+# --- the re-ranking state ----------------------------------------------------------------------
+
+RERANK_ARRAYS = ("ids", "base", "vectors", "neighbours", "reach")
+
+
+def fit_rerank(embeddings: np.ndarray, ids: np.ndarray, options: RerankOptions, params: HnswParams,
+               *, whitening: PcaWhitening | None = None, target: float = TARGET_RECALL) -> RerankState:
+    """The re-ranking state of these items (rerank.fit_state), its graphs built with the index's HNSW parameters."""
+    return fit_state(embeddings, ids, options, lambda vectors, labels: build_hnsw(vectors, params, labels),
+                     whitening=whitening, target=target)
+
+
+def write_rerank(staging: Path, state: RerankState | None, number: int, params: HnswParams) -> dict | None:
+    """Write a re-ranking state's files into a version; its manifest entry (None: no state)."""
+    if state is None:
+        return None
+    name = _name("rerank", number)
+    files = {array: f"{name}.{array}.npy" for array in RERANK_ARRAYS}
+    for array, file in files.items():
+        np.save(staging / file, np.asarray(getattr(state, array)))
+    if state.whitening is not None:
+        files.update(mean=f"{name}.mean.npy", projection=f"{name}.projection.npy")
+        np.save(staging / files["mean"], state.whitening.mean)
+        np.save(staging / files["projection"], state.whitening.projection)
+    files["graph"] = f"{name}.graph.bin"
+    state.graph.save_index(str(staging / files["graph"]))
+    return {
+        "options": state.options.to_dict(), "ran": state.ran.to_dict(), "notes": list(state.notes),
+        "dim": int(state.base.shape[1]), "count": len(state), "slots": int(state.graph.get_current_count()),
+        "ef": state.ef, "recall": state.recall, "fitted": state.fitted, "added": state.added,
+        "hnsw": asdict(params), "files": files,
+    }
+
+
+def _rerank_options(version: Path, entry: dict | None) -> RerankOptions | None:
+    if entry is None:
+        return None
+    try:
+        return RerankOptions(**entry["options"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BadIndex(f"{version / MANIFEST}: damaged index, bad re-ranking options ({exc}); {REINDEX}") from None
+
+
+def read_rerank(version: Path, entry: dict, ids: np.ndarray, params: HnswParams, *,
+                allow_replace_deleted: bool = False) -> RerankState:
+    """A version's re-ranking state (vectors memory-mapped), refusing files that disagree with its entry."""
+    where = version / MANIFEST
+    try:
+        files, dim, count, slots = entry["files"], entry["dim"], entry["count"], entry["slots"]
+        options, ran = RerankOptions(**entry["options"]), RerankOptions(**entry["ran"])
+        numbers = (entry["ef"], entry["fitted"], entry["added"])
+        recall, notes, graph_params = float(entry["recall"]), tuple(map(str, entry["notes"])), HnswParams(**entry["hnsw"])
+        arrays = {name: np.load(version / files[name], mmap_mode="r", allow_pickle=False) for name in RERANK_ARRAYS}
+        whitening = None
+        if "mean" in files:
+            whitening = PcaWhitening(np.load(version / files["mean"], allow_pickle=False),
+                                     np.load(version / files["projection"], allow_pickle=False))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BadIndex(f"{where}: damaged index, bad re-ranking state ({type(exc).__name__}: {exc}); {REINDEX}") from None
+    width = ran.dba_n + 1 if ran.dba_n else 0
+    expected = {"ids": ((count,), np.int64), "base": ((count, dim), np.float32), "vectors": ((count, dim), np.float32),
+                "neighbours": ((count, width), np.int64), "reach": ((count,), np.float32)}
+    wrong = [f"{files[name]} holds {arrays[name].dtype} {arrays[name].shape}, expected {kind.__name__} {shape}"
+             for name, (shape, kind) in expected.items() if arrays[name].shape != shape or arrays[name].dtype != kind]
+    if whitening is not None and (whitening.mean.shape != (len(whitening.projection),) or whitening.projection.shape[1] != dim):
+        wrong.append(f"the PCA's shapes {whitening.mean.shape} {whitening.projection.shape} do not project to {dim}")
+    if not all(_is_count(number) for number in (*numbers, dim, count, slots)) or slots < count:
+        wrong.append("its counts are not counts")
+    if not wrong and not np.array_equal(arrays["ids"], ids):
+        wrong.append("its items are not the version's live items")
+    if wrong:
+        raise BadIndex(f"{where}: damaged index, re-ranking state: {'; '.join(wrong)}; {REINDEX}")
+    graph = load_hnsw(version / files["graph"], dim, slots, graph_params, allow_replace_deleted=allow_replace_deleted)
+    return RerankState(options, ran, notes, whitening, np.asarray(arrays["ids"]), arrays["base"], arrays["vectors"],
+                       np.asarray(arrays["neighbours"]), np.asarray(arrays["reach"]), graph, numbers[0], recall,
+                       numbers[1], numbers[2])
 
 
 # --- the directory ----------------------------------------------------------------------------

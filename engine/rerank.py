@@ -1,6 +1,7 @@
 """Retrieval beyond plain nearest neighbours: PCA / whitening, DBA, alpha-QE, k-reciprocal re-ranking.
 
-All off by default (RerankOptions()), all pure numpy over unit embeddings, in one pipeline:
+RerankOptions() runs none of them (the plain ranking); RECOMMENDED_RERANK is fastret's default
+ranking. Pure numpy over unit embeddings (hnswlib for the graph), in one pipeline:
 
 1. PCA (centre, project to fewer dimensions, optionally whiten) learned on the DATABASE vectors
    only, applied to database and queries alike, rows renormalised;
@@ -16,19 +17,25 @@ from its results: they are never ranked, never used to expand the query, never k
 candidates, and removed from every other item's DBA neighbourhood. In leave-one-out the query
 is a database item, so excluding its own id means no copy of the query ever helps rank it.
 
-The search is exact (brute force) over the transformed vectors: the HNSW graph of an index is
-built on the raw embeddings and would not match whitened or augmented ones. The learned state is
-prepared in memory by the search service (the application layer); search never writes it.
+Two ways to hold the learned state:
+
+* `RerankState`: part of an index version, made by its writers (`fit_state` on a full build or a
+  refit, `update_state` on an edit): the PCA, the projected and DBA'd vectors of the live items
+  (in id order), each item's DBA neighbourhood and an HNSW graph over the DBA'd vectors (labels =
+  item ids) with the `ef` that measured `target` recall@10 on the items themselves. `graph_search`
+  runs the pipeline through that graph; `rerank_search` over `state.prepared()` runs it exactly.
+* `prepare_database`: the same space prepared in memory, for options an index does not hold
+  (another PCA dimension, say), searched exactly.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Sequence
+import math
+from dataclasses import asdict, dataclass, field, replace
+from typing import Callable, Sequence
 
 import numpy as np
 
-from fastret.engine.metrics import leave_one_out_ranking
 from fastret.engine.tta import l2_normalise
 
 
@@ -65,8 +72,27 @@ class RerankOptions:
 
 
 RECOMMENDED_RERANK = RerankOptions(pca_dim=256, dba_n=5, qe_n=5)
-"""`--rerank` in the CLI: PCA 256 + alpha-DBA 5 + alpha-QE 5 won P@10 and mAP on all four sets
-measured, for at most about 1 ms a query (BENCHMARKS.md, 'Re-ranking and query expansion')."""
+"""The default ranking everywhere (`--no-rerank` turns it off): PCA 256 + alpha-DBA 5 + alpha-QE 5
+won P@10 and mAP on all four sets measured (BENCHMARKS.md, 'Re-ranking and query expansion')."""
+
+
+def dba_items(n: int) -> int:
+    """The fewest items DBA with n neighbours runs on: each item's neighbourhood (itself and n
+    others) at most half the database; below, it would blur the database rather than denoise it."""
+    return 2 * (n + 1)
+
+
+def fitted_options(count: int, options: RerankOptions) -> tuple[RerankOptions, tuple[str, ...]]:
+    """The steps that can run on a database of `count` items, and one note per step dropped."""
+    notes = []
+    pca_dim, dba_n = options.pca_dim, options.dba_n
+    if pca_dim and count <= pca_dim:
+        notes.append(f"no PCA: {count} items are too few to fit {pca_dim} axes (it needs more than {pca_dim})")
+        pca_dim = None
+    if dba_n and count < dba_items(dba_n):
+        notes.append(f"no DBA: {count} items are too few for {dba_n} neighbours each (it needs {dba_items(dba_n)})")
+        dba_n = 0
+    return replace(options, pca_dim=pca_dim, dba_n=dba_n), tuple(notes)
 
 
 # --- PCA-whitening -----------------------------------------------------------------------------
@@ -84,20 +110,27 @@ class PcaWhitening:
         return l2_normalise(out) if normalise else out.astype(np.float32)
 
 
+PCA_SAMPLE = 50_000
+"""Items the PCA is fitted on at most (a seeded random sample of larger databases)."""
+
+
 def fit_pca_whitening(database: np.ndarray, dim: int | None = None, power: float = 0.5) -> PcaWhitening:
     """Learn PCA-whitening on database vectors (never on queries).
 
     With power 0.5 the training vectors come out with identity covariance (ddof 1) before the
     final renormalisation. `dim` is capped at the rank the data supports (count - 1).
     """
-    x = np.asarray(database, dtype=np.float64)
+    x = np.asarray(database, dtype=np.float32)
     if len(x) < 2:
         raise ValueError("PCA-whitening needs at least 2 database vectors")
-    mean = x.mean(axis=0)
-    centred = x - mean
-    eigenvalues, axes = np.linalg.eigh(centred.T @ centred / (len(x) - 1))  # (D, D): cheap for 10k x 1280
+    if len(x) > PCA_SAMPLE:  # the axes of a million items are those of a large sample of them
+        x = x[np.sort(np.random.default_rng(0).choice(len(x), PCA_SAMPLE, replace=False))]
+    mean = x.mean(axis=0, dtype=np.float64)
+    centred = (x - mean).astype(np.float32)
+    covariance = (centred.T @ centred).astype(np.float64) / (len(x) - 1)  # a float32 product: 4x faster
+    eigenvalues, axes = np.linalg.eigh(covariance)  # (D, D)
     eigenvalues, axes = eigenvalues[::-1], axes[:, ::-1]
-    keep = int(np.sum(eigenvalues > eigenvalues[0] * 1e-9))  # directions the data really spans
+    keep = int(np.sum(eigenvalues > eigenvalues[0] * 1e-6))  # directions the data really spans (float32 noise below)
     keep = min(keep, dim) if dim else keep
     projection = axes[:, :keep] / eigenvalues[:keep] ** power
     return PcaWhitening(mean.astype(np.float32), projection.astype(np.float32))
@@ -131,8 +164,32 @@ def weighted_sum(vectors: np.ndarray, similarities: np.ndarray, alpha: float) ->
 
 def dba_neighbours(database: np.ndarray, n: int) -> np.ndarray:
     """(N, n+1) ids: each item itself first, then its n nearest other items (ties: lower id)."""
-    nearest = leave_one_out_ranking(database, n)
-    return np.hstack([np.arange(len(database))[:, None], nearest])
+    rows = np.arange(len(database))
+    return np.hstack([rows[:, None], nearest_others(database, rows, min(n, len(database) - 1))[0]])
+
+
+NEIGHBOUR_BLOCK_CELLS = 2**25
+"""Scores held at once while finding neighbours exactly (a (rows, N) float32 block: 128 MiB)."""
+
+
+def nearest_others(database: np.ndarray, rows: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(R, n) nearest other rows of `rows` (ties: lower row) and their similarities, exactly;
+    -1 / -inf pad rows of a database with fewer than n others."""
+    rows = np.asarray(rows, dtype=np.int64)
+    nearest = np.full((len(rows), n), -1, np.int64)
+    similarities = np.full((len(rows), n), -np.inf, np.float32)
+    block = max(1, NEIGHBOUR_BLOCK_CELLS // max(1, len(database)))
+    for start in range(0, len(rows), block):
+        part = rows[start : start + block]
+        scores = database[part] @ database.T
+        scores[np.arange(len(part)), part] = -np.inf
+        top = top_rows(scores, min(n, len(database)))
+        top_scores = np.take_along_axis(scores, top, axis=1)
+        found = np.isfinite(top_scores)
+        width = top.shape[1]
+        nearest[start : start + len(part), :width] = np.where(found, top, -1)
+        similarities[start : start + len(part), :width] = top_scores
+    return nearest, similarities
 
 
 def database_augmentation(database: np.ndarray, neighbours: np.ndarray, alpha: float) -> np.ndarray:
@@ -218,10 +275,11 @@ def prepare_database(
     """Index-time work: fit the whitening on the database, augment the database vectors.
 
     `whitening` and `neighbours` (learned state saved by an earlier call) skip the fitting.
-    PCA is skipped for a database of no more items than `pca_dim`: too few to fit the axes.
+    Steps the database is too small for are skipped (`fitted_options`).
     """
     embeddings = np.asarray(embeddings, dtype=np.float32)
-    if not options.pca_dim or len(embeddings) <= options.pca_dim:  # too few items to fit that many axes
+    options = fitted_options(len(embeddings), options)[0]
+    if not options.pca_dim:
         whitening = None
     elif whitening is None:
         whitening = fit_pca_whitening(embeddings, options.pca_dim, options.pca_power)
@@ -379,3 +437,273 @@ def rerank_ranker(prepared: PreparedDatabase, options: RerankOptions, *, leave_o
         return rerank_search(prepared, queries, k, options, excludes=excludes)[0]
 
     return search
+
+
+# --- the re-ranking state of an index ------------------------------------------------------------
+
+STORED_STEPS = ("pca_dim", "pca_power", "dba_n", "dba_alpha")
+"""The options a RerankState is fitted for; the others (QE, k-reciprocal) are chosen per query."""
+TARGET_RECALL = 0.99
+"""Recall@10 of the graph against exact search that the automatic ef must reach on the items."""
+EF_STEPS = (10, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
+TUNING_SAMPLE = 500
+TUNING_MARGIN = 0.5
+"""The held-out queries may miss at most this share of what the target allows (see tune_ef)."""
+"""Items held out of the graph as queries while the ef is measured (at most a tenth of them)."""
+EXACT_NEIGHBOURS = 50_000
+"""Above this many items a fit finds DBA neighbourhoods through a graph over the projected vectors
+(approximate; exact below: a (N, N) product)."""
+GRAPH_GROWTH = 1.5
+"""When the graph must grow, it grows to this many times what it needs."""
+REFIT_SHARE = 0.25
+"""Items added since the fit above this share of the items fitted on: the next edit refits."""
+
+GraphMaker = Callable[[np.ndarray, np.ndarray], object]
+"""(vectors (N, d), ids (N,)) -> an hnswlib cosine graph of them labelled with the ids."""
+
+
+@dataclass
+class RerankState:
+    """The re-ranking space of an index version: rows are the live items in id order."""
+
+    options: RerankOptions  # the steps asked for (STORED_STEPS matter)
+    ran: RerankOptions  # the steps this many items allowed (fitted_options)
+    notes: tuple[str, ...]  # why a step asked for did not run
+    whitening: PcaWhitening | None
+    ids: np.ndarray  # (N,) int64 item ids, increasing
+    base: np.ndarray  # (N, d) projected unit vectors
+    vectors: np.ndarray  # (N, d) DBA'd unit vectors: what queries are scored against
+    neighbours: np.ndarray  # (N, n+1) ids of each DBA neighbourhood, the item first (-1: none); (N, 0) without DBA
+    reach: np.ndarray  # (N,) similarity of each item's n-th neighbour (-inf: fewer than n, or no DBA)
+    graph: object  # hnswlib graph over `vectors`, labels = ids (removed items marked deleted)
+    ef: int  # the automatic ef at query time
+    recall: float  # recall@10 measured at that ef
+    fitted: int  # items the PCA was fitted on
+    added: int = 0  # items added since
+    _prepared: PreparedDatabase | None = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def holds(self, options: RerankOptions) -> bool:
+        """Whether these re-ranking options search this state (same PCA and DBA, no k-reciprocal)."""
+        return not options.kreciprocal and all(
+            getattr(options, name) == getattr(self.options, name) for name in STORED_STEPS
+        )
+
+    def project(self, queries: np.ndarray) -> np.ndarray:
+        queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
+        return self.whitening.apply(queries) if self.whitening else l2_normalise(queries)
+
+    def prepared(self) -> PreparedDatabase:
+        """The state as the exact pipeline takes it (DBA neighbourhoods as rows)."""
+        if self._prepared is None:
+            neighbours = None
+            if self.ran.dba_n:
+                neighbours = np.searchsorted(self.ids, self.neighbours)
+                neighbours[self.neighbours < 0] = -1
+            self._prepared = PreparedDatabase(self.base, self.vectors, self.whitening, neighbours)
+        return self._prepared
+
+    def summary(self) -> dict:
+        """What ran, for reports: the steps, the projected dimension, the graph's ef and recall."""
+        return {
+            "pca_dim": self.ran.pca_dim, "pca_power": self.ran.pca_power, "dba_n": self.ran.dba_n,
+            "dba_alpha": self.ran.dba_alpha, "dim": int(self.base.shape[1]), "ef": self.ef,
+            "recall@10": round(self.recall, 4), "items": len(self), "fitted_on": self.fitted,
+            "added_since_fit": self.added, "notes": list(self.notes),
+        }
+
+
+def fit_state(
+    embeddings: np.ndarray, ids: np.ndarray, options: RerankOptions, make_graph: GraphMaker,
+    *, whitening: PcaWhitening | None = None, target: float = TARGET_RECALL,
+) -> RerankState:
+    """Fit the PCA on the items (or take `whitening`), augment them, graph them, choose the ef."""
+    embeddings = np.asarray(embeddings, dtype=np.float32)
+    ids = np.asarray(ids, dtype=np.int64)
+    ran, notes = fitted_options(len(embeddings), options)
+    if not ran.pca_dim:
+        whitening = None
+    elif whitening is None:
+        whitening = fit_pca_whitening(embeddings, ran.pca_dim, ran.pca_power)
+    base = whitening.apply(embeddings) if whitening else l2_normalise(embeddings)
+    n = ran.dba_n
+    if n:
+        if len(base) > EXACT_NEIGHBOURS:
+            nearest, similarities = _graph_neighbours(base, n, make_graph)
+            notes += (f"DBA neighbourhoods found through a graph (more than {EXACT_NEIGHBOURS:,} items)",)
+        else:
+            nearest, similarities = nearest_others(base, np.arange(len(base)), n)
+        vectors = _augment(base, np.arange(len(base)), nearest, similarities, ran.dba_alpha)
+        neighbours = np.hstack([ids[:, None], np.where(nearest >= 0, ids[nearest], -1)])
+        reach = similarities[:, -1].copy()
+    else:
+        vectors = base
+        neighbours, reach = np.empty((len(base), 0), np.int64), np.full(len(base), -np.inf, np.float32)
+    held_out = np.sort(np.random.default_rng(0).choice(len(ids), min(TUNING_SAMPLE, len(ids) // 10), replace=False))
+    in_graph = np.setdiff1d(np.arange(len(ids)), held_out)
+    state = RerankState(options, ran, notes, whitening, ids, base, vectors, neighbours, reach,
+                        make_graph(vectors[in_graph], ids[in_graph]), ef=EF_STEPS[-1], recall=1.0, fitted=len(ids))
+    if len(held_out):  # measured with items held out of the graph as queries (as a new photo is), then added
+        probe = replace(state, ran=replace(ran, dba_n=0), ids=ids[in_graph], base=base[in_graph],
+                        vectors=vectors[in_graph], neighbours=neighbours[in_graph, :0], reach=reach[in_graph])
+        state.ef, state.recall = tune_ef(probe, embeddings[held_out], target)
+        state.graph.resize_index(len(ids))
+        state.graph.add_items(vectors[held_out], ids[held_out])
+    else:  # too few items to hold some out: an ef that visits them all
+        state.ef = max(EF_STEPS[0], len(ids))
+    return state
+
+
+def _augment(base: np.ndarray, rows: np.ndarray, nearest: np.ndarray, similarities: np.ndarray,
+             alpha: float) -> np.ndarray:
+    """alpha-DBA of `rows` from their nearest other rows (-1 / -inf: absent, weight 0)."""
+    hood = np.hstack([rows[:, None], np.maximum(nearest, 0)])
+    weights = np.hstack([np.ones((len(rows), 1), np.float32), similarities])
+    return weighted_sum(base[hood], weights, alpha)
+
+
+def _graph_neighbours(base: np.ndarray, n: int, make_graph: GraphMaker) -> tuple[np.ndarray, np.ndarray]:
+    """Approximate nearest others of every row through a graph of the rows (labels = rows)."""
+    graph = make_graph(base, np.arange(len(base)))
+    graph.set_ef(max(4 * (n + 1), 64))
+    labels, distances = graph.knn_query(base, k=n + 1)
+    labels = labels.astype(np.int64)
+    similarities = (1.0 - distances).astype(np.float32)
+    own = labels == np.arange(len(base))[:, None]
+    drop = np.where(own.any(axis=1), np.argmax(own, axis=1), n)  # the row itself, else the last
+    keep = np.ones(labels.shape, bool)
+    keep[np.arange(len(base)), drop] = False
+    return labels[keep].reshape(len(base), n), similarities[keep].reshape(len(base), n)
+
+
+def tune_ef(state: RerankState, queries: np.ndarray, target: float, k: int = 10) -> tuple[int, float]:
+    """The ef the graph pipeline searches with: one step of EF_STEPS above the smallest whose recall@k
+    against the exact pipeline misses at most TUNING_MARGIN of what `target` allows on `queries`
+    (or the largest step), and the recall measured at it.
+
+    The margins: held-out items are easier queries than new photos (their neighbours' DBA'd
+    vectors still hold a share of them), and a few hundred queries measure recall coarsely.
+    """
+    required = 1.0 - (1.0 - target) * TUNING_MARGIN
+    truth = rerank_search(state.prepared(), queries, k, state.options)[0]
+
+    def recall_at(ef: int) -> float:
+        found = graph_search(state, queries, k, state.options, ef=ef)[0]
+        hits = [len(np.intersect1d(row[row >= 0], best[best >= 0])) for row, best in zip(found, truth)]
+        return float(np.sum(hits)) / max(1, int((truth >= 0).sum()))
+
+    for step, ef in enumerate(EF_STEPS):
+        if recall_at(ef) >= required:
+            ef = EF_STEPS[min(step + 1, len(EF_STEPS) - 1)]
+            break
+    return ef, recall_at(ef)
+
+
+def update_state(state: RerankState, embeddings: np.ndarray, new_ids: np.ndarray, removed: np.ndarray) -> RerankState:
+    """The state after an edit, with the stored PCA: new items projected and augmented, removed
+    ones marked deleted in the graph, and every item whose DBA neighbourhood the edit changes (a
+    neighbour removed, or a new item nearer than its n-th) augmented again and updated in the graph.
+
+    Neighbourhoods are found exactly, so the result equals `fit_state` of the live items with
+    the same whitening (to float rounding); the graph is edited in place (needs a graph loaded
+    with allow_replace_deleted).
+    """
+    new_ids = np.asarray(new_ids, dtype=np.int64)
+    removed = np.asarray(removed, dtype=np.int64)
+    keep = ~np.isin(state.ids, removed)
+    old = int(keep.sum())
+    ids = np.concatenate([state.ids[keep], new_ids])
+    new_base = state.project(embeddings) if len(new_ids) else np.empty((0, state.base.shape[1]), np.float32)
+    base = np.vstack([state.base[keep], new_base])
+    vectors = np.vstack([state.vectors[keep], new_base])
+    neighbours = np.vstack([state.neighbours[keep], np.full((len(new_ids), state.neighbours.shape[1]), -1, np.int64)])
+    reach = np.concatenate([state.reach[keep], np.full(len(new_ids), -np.inf, np.float32)])
+    new_rows = np.arange(old, len(ids))
+    changed = new_rows
+    n = state.ran.dba_n
+    if n:
+        lost = np.isin(neighbours[:old, 1:], removed).any(axis=1)
+        entered = np.zeros(old, bool)
+        block = max(1, NEIGHBOUR_BLOCK_CELLS // max(1, len(new_ids)))
+        for start in range(0, old if len(new_ids) else 0, block):
+            stop = min(start + block, old)
+            entered[start:stop] = (base[start:stop] @ new_base.T).max(axis=1) > reach[start:stop]
+        changed = np.concatenate([np.flatnonzero(lost | entered), new_rows])
+        nearest, similarities = nearest_others(base, changed, n)
+        vectors[changed] = _augment(base, changed, nearest, similarities, state.ran.dba_alpha)
+        neighbours[changed] = np.hstack([ids[changed][:, None], np.where(nearest >= 0, ids[np.maximum(nearest, 0)], -1)])
+        reach[changed] = similarities[:, -1]
+    graph = state.graph
+    for item_id in removed:
+        graph.mark_deleted(int(item_id))
+    updated = changed[changed < old]
+    if len(updated):
+        graph.add_items(vectors[updated], ids[updated])  # existing labels: hnswlib moves them
+    if len(new_ids):
+        slots = graph.get_current_count()  # marked-deleted slots included: new items reuse them
+        needed = slots + max(0, len(new_ids) - (slots - old))
+        if needed > graph.get_max_elements():
+            graph.resize_index(math.ceil(needed * GRAPH_GROWTH))
+        graph.add_items(vectors[new_rows], new_ids, replace_deleted=True)
+    return replace(state, ids=ids, base=base, vectors=vectors, neighbours=neighbours, reach=reach, graph=graph,
+                   added=state.added + len(new_ids), _prepared=None)
+
+
+def graph_search(
+    state: RerankState,
+    queries: np.ndarray,
+    k: int,
+    options: RerankOptions,
+    excludes: Sequence[frozenset[int]] | None = None,
+    ef: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The re-ranked pipeline through the state's graph: (Q, k) rows and scores, -1 / -inf padding.
+
+    Project, search the graph, expand the query with its top qe_n (alpha-QE), search again.
+    Candidates are re-scored exactly against the (patched) DBA'd vectors, so a score is the same
+    cosine the exact pipeline gives; `excludes[q]` (rows) are absent as in `rerank_search`: the
+    graph is asked for that many more, and the rows whose DBA neighbourhood they were in are
+    re-scored from their patched vectors.
+    """
+    prepared = state.prepared()
+    q = state.project(queries)
+    excludes = [frozenset(e) for e in excludes] if excludes is not None else [frozenset()] * len(q)
+    if len(excludes) != len(q):
+        raise ValueError(f"{len(excludes)} exclusion sets for {len(q)} queries")
+    patches = [patch_without(prepared, exclude, state.ran.dba_alpha) for exclude in excludes]
+    ef = ef or state.ef
+    if options.qe_n:
+        top, top_scores = _graph_top(state, prepared, q, options.qe_n, excludes, patches, ef)
+        vectors = np.stack([patch.gather(prepared, np.maximum(row, 0)) for patch, row in zip(patches, top)])
+        q = alpha_query_expansion(q, vectors, options.qe_alpha, top_scores)
+    return _graph_top(state, prepared, q, k, excludes, patches, ef)
+
+
+def _graph_top(
+    state: RerankState, prepared: PreparedDatabase, queries: np.ndarray, depth: int,
+    excludes: Sequence[frozenset[int]], patches: Sequence[Patch], ef: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(Q, depth) best rows through the graph, re-scored exactly, ties broken by the lower row."""
+    live = min(len(state), state.graph.get_current_count())  # fewer in the graph while the ef is tuned
+    extra = max(len(exclude) + len(patch.rows) for exclude, patch in zip(excludes, patches)) if len(queries) else 0
+    ask = min(depth + extra, live)
+    rows = np.full((len(queries), depth), -1, np.int64)
+    scores = np.full((len(queries), depth), -np.inf, np.float32)
+    if not ask:
+        return rows, scores
+    state.graph.set_ef(max(ef, ask))
+    try:
+        labels, _ = state.graph.knn_query(queries, k=ask)
+        candidates = np.searchsorted(state.ids, labels.astype(np.int64))
+    except RuntimeError:  # hnswlib found fewer than `ask` (many slots marked deleted): score them all
+        candidates = np.broadcast_to(np.arange(len(state)), (len(queries), len(state)))
+    for row, (query, exclude, patch) in enumerate(zip(queries, excludes, patches)):
+        found = np.union1d(candidates[row], patch.rows)
+        if exclude:
+            found = found[~np.isin(found, list(exclude))]
+        found_scores = patch.gather(prepared, found) @ query
+        order = np.lexsort((found, -found_scores))[:depth]
+        rows[row, : len(order)], scores[row, : len(order)] = found[order], found_scores[order]
+    return rows, scores

@@ -60,6 +60,7 @@ def build_index(
     index = Index(
         encoder.info, str(root), added.items, added.embeddings, hnsw_params, encoder=encoder.recipe.to_dict(),
         ids=ids, sources=added.sources, build={"draft": draft, "include_hidden": include_hidden}, next_id=first_id + len(added),
+        thumbnails=added.thumbnails,
     )
     index.hnsw = build_hnsw(added.embeddings, hnsw_params, ids) if graph else None
     result.stage_seconds["hnsw_build"] = round(time.perf_counter() - started, 4)

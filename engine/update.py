@@ -68,16 +68,17 @@ def embed_paths(
     embed: Callable[..., EmbedResult] = embed_files,
 ) -> tuple[Additions, EmbedResult]:
     """Embed files under root into new items (path relative to root, label = parent folder), with
-    the sources they were read from; bad files are skipped, not fatal. `embed` has embed_files'
-    signature (the Ray engine passes its own)."""
+    the sources they were read from and their thumbnails for the duplicate finder; bad files are
+    skipped, not fatal. `embed` has embed_files' signature (the Ray engine passes its own)."""
     sources = read_sources(paths, workers=workers)
     result = embed(
-        paths, encoder, batch_size=batch_size, workers=workers, draft=draft, on_skip=on_skip, on_progress=on_progress
+        paths, encoder, batch_size=batch_size, workers=workers, draft=draft, on_skip=on_skip, on_progress=on_progress,
+        thumbnails=True,
     )
     position = {Path(path): number for number, path in enumerate(paths)}
     rows = np.array([position[path] for path in result.paths], dtype=np.int64)
     items = [Item(path=path.relative_to(root).as_posix(), label=path.parent.name) for path in result.paths]
-    return Additions(items, result.embeddings, sources.take(rows)), result
+    return Additions(items, result.embeddings, sources.take(rows), result.thumbnails), result
 
 
 # --- what changed -----------------------------------------------------------------------------

@@ -1,8 +1,10 @@
 """Duplicate groups of an index, and the safe actions on them (`fastret duplicates`, GET /duplicates).
 
 The job reads the index's stored embeddings and asks the search service for each item's
-neighbours (never re-embedding); only the candidates it proposes are decoded, small, to be
-verified in pixels (fastret.engine.duplicates). A folder is indexed in memory first.
+neighbours (never re-embedding); the candidates it proposes are verified in pixels
+(fastret.engine.duplicates) on the thumbnails the index kept of them, or, for files changed since
+(and indexes made before thumbnails were kept), on thumbnails decoded now. A folder is indexed in
+memory first.
 """
 
 from __future__ import annotations
@@ -30,10 +32,13 @@ from fastret.engine.duplicates import (
     is_duplicate,
     keep_priority,
     star_groups,
+    stored_features,
 )
 from fastret.engine.encoders import default_threads
 from fastret.engine.index import CURRENT, Index
+from fastret.engine.rerank import RerankOptions
 from fastret.engine.retrieval import build_index, display_path
+from fastret.engine.thumbnails import Thumbnail
 from fastret.service.load import open_encoder
 from fastret.service.search import Retriever, SearchOptions
 
@@ -42,8 +47,8 @@ Log = Callable[[str], None]
 
 
 def item_id_of(index: Index, row: int) -> int:
-    """The item id of a row of index.items (ids are row numbers in this index format)."""
-    return row
+    """The stable item id of a row of index.items."""
+    return int(index.ids[row])
 
 
 @dataclass(frozen=True)
@@ -152,10 +157,13 @@ def find_duplicates(
     mirrored: bool = True,
     neighbours: int = NEIGHBOURS,
     workers: int | None = None,
+    processes: int = 1,
 ) -> DuplicateReport:
     """Groups of identical and near-duplicate files of the retriever's index, kept file first.
 
-    Files missing or unreadable now are skipped with a reason, never fatal.
+    `workers` threads decode what the index kept no thumbnail of; `processes` > 1 verifies in that
+    many forked processes (for a command-line job; a server keeps to 1). Files missing or
+    unreadable now are skipped with a reason, never fatal.
     """
     started = time.perf_counter()
     index = retriever.index
@@ -179,15 +187,21 @@ def find_duplicates(
     nodes = [row for row in rows if row not in hidden]
     hashed = time.perf_counter()
 
-    search = retriever.ranker(SearchOptions(k=neighbours + 1))
+    search = retriever.ranker(SearchOptions(k=neighbours + 1, rerank=RerankOptions()))  # raw cosine neighbours
     candidates = candidate_pairs(index.embeddings, search, nodes, neighbours=neighbours)
     searched = time.perf_counter()
 
     proposed = sorted(candidates)
-    decoded = facts_and_features([paths[row] for row in proposed], workers=workers)
     features: dict[int, PixelFeatures] = {}
     facts: dict[int, FileFacts] = {}
-    for row, found in zip(proposed, decoded):
+    for row in proposed:
+        kept = kept_thumbnail(index, row, stats.get(row))
+        if kept is not None:
+            facts[row] = FileFacts(kept.width, kept.height, stats[row].st_size, stats[row].st_mtime)
+            features[row] = stored_features(kept)
+    to_decode = [row for row in proposed if row not in features]
+    decoded = facts_and_features([paths[row] for row in to_decode], workers=workers)
+    for row, found in zip(to_decode, decoded):
         if isinstance(found, ImageError):
             skipped.append(Skipped(paths[row], str(found)))
         else:
@@ -202,7 +216,7 @@ def find_duplicates(
     def verify(a: int, b: int):
         return is_duplicate(features[a], features[b], threshold, mirrored=mirrored)
 
-    near = star_groups(priority, candidates, verify, workers=workers)
+    near = star_groups(priority, candidates, verify, processes=processes)
     verified = time.perf_counter()
 
     def copy(row: int, reason: str, fact: FileFacts, **scores) -> Copy:
@@ -249,6 +263,15 @@ def find_duplicates(
     }
     return DuplicateReport(index.root, len(index), threshold, mirrored, groups, sorted(skipped, key=lambda s: s.path),
                            {name: round(value, 3) for name, value in seconds.items()})
+
+
+def kept_thumbnail(index: Index, row: int, stat: os.stat_result | None) -> Thumbnail | None:
+    """The thumbnail the index kept of a row, if its file is still the one it was made from."""
+    if index.thumbnails is None or index.sources is None or stat is None:
+        return None
+    if (stat.st_size, stat.st_mtime_ns) != (int(index.sources.sizes[row]), int(index.sources.mtimes_ns[row])):
+        return None
+    return index.thumbnails[row]
 
 
 def identical_pixels(a: PixelFeatures, b: PixelFeatures, path_a: Path, path_b: Path) -> bool:

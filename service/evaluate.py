@@ -10,7 +10,7 @@ from typing import Callable, Sequence
 from fastret.engine.decode import list_images
 from fastret.engine.encoders import describe_runtime
 from fastret.engine.evaluation import DEFAULT_KS, evaluate_embeddings, folder_labels
-from fastret.engine.index import Index
+from fastret.engine.index import Index, fit_rerank
 from fastret.engine.lance_store import LanceIndex
 from fastret.engine.pipeline import Skipped, embed_files
 from fastret.engine.retrieval import build_index
@@ -88,7 +88,9 @@ def evaluate_folders(
     full_search = None
     if options.rerank.active:  # the mAP ranks the whole database in the re-ranked space too
         started = time.perf_counter()
-        retriever.prepared(options.rerank)
+        if index.rerank_state() is None:  # built here: fitted as `fastret index` would
+            index.reranking = fit_rerank(index.embeddings, index.ids, options.rerank, index.hnsw_params)
+        retriever.ranker(options)  # loads the state, or prepares options the index does not hold
         seconds["rerank_prepare"] = _since(started)
         full_search = retriever.ranker(options, leave_one_out=queries_dir is None)
     summary = evaluate_embeddings(
@@ -101,14 +103,15 @@ def evaluate_folders(
         full_search=full_search,
     )
     seconds["search"] = summary.pop("search_seconds")
+    described = retriever.describe(options)
     return {
         "protocol": "leave-one-out" if queries_dir is None else "split",
         "db": str(db_dir),
         "queries_dir": None if queries_dir is None else str(Path(queries_dir).resolve()),
         "model": encoder.info.model_id,
         "backend": describe_runtime(encoder),
-        "search": _describe_search(index, options),
-        "rerank": options.rerank.to_dict() if options.rerank.active else None,
+        "search": _describe_search(index, described),
+        "rerank": described["rerank"],
         "flip_tta": options.flip_tta,
         "db_images": len(index),
         "skipped": [skip.line() for skip in skipped],
@@ -117,13 +120,17 @@ def evaluate_folders(
     }
 
 
-def _describe_search(index: Index, options: SearchOptions) -> str:
-    if isinstance(index, LanceIndex):
-        return index.describe_search(options.mode, options.ef)
-    if options.mode != "hnsw" or index.hnsw is None:
-        return "exact" if options.mode == "hnsw" else options.mode
+def _describe_search(index: Index, described: dict) -> str:
+    """'exact', or 'hnsw (...)' with the graph's parameters and the ef it searched with."""
+    if isinstance(index, LanceIndex):  # its own ANN index (re-ranking falls back to the plain ranking)
+        return index.describe_search("exact" if described["exact"] else "hnsw", described["ef"])
+    if described["search"] != "hnsw":
+        return "exact"
     params = index.hnsw_params
-    return f"hnsw (M={params.M}, ef_construction={params.ef_construction}, ef={options.ef or params.ef_search})"
+    rerank = described["rerank"]
+    ef = rerank["ef"] if rerank else described["ef"] or params.ef_search
+    space = f"re-ranked {rerank['dim']}-d" if rerank else "raw"
+    return f"hnsw ({space}, M={params.M}, ef_construction={params.ef_construction}, ef={ef})"
 
 
 def _since(started: float) -> float:

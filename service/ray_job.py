@@ -81,9 +81,13 @@ def embed_files_ray(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     on_skip: Callable[[Skipped], None] | None = None,
     on_progress: Callable[[int], None] | None = None,
+    thumbnails: bool = False,
     log: Callable[[str], None] = lambda _: None,
 ) -> EmbedResult:
     """embed_files on a Ray actor pool: the same kept paths, order and skip reasons.
+
+    `thumbnails` is accepted and not kept: the Ray job returns embeddings only, and the duplicate
+    finder decodes the images an index kept no thumbnail of.
 
     `batch_size` and `workers` are each actor's encoder batch and decoder threads. Stage times:
     `ray_start` (joining or starting the cluster), `ship_artefact` (putting the artefact into the

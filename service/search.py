@@ -2,7 +2,16 @@
 
 `fastret search`, `fastret serve` (all its endpoints) and `fastret eval` go through a Retriever,
 so an option (k, exact, ef, score, re-ranking, flip averaging, include-self) means the same
-everywhere. It only reads: re-ranking state is prepared in memory, never written to the index.
+everywhere. It only reads.
+
+Re-ranking (PCA + DBA + alpha-QE, RECOMMENDED_RERANK) is on by default. The index holds its
+state (made by `fastret index` and every edit): the query is projected, searched through the
+state's HNSW graph, expanded and searched again; `exact` runs the same pipeline by brute force.
+Options the index does not hold (another PCA dimension, say, or an index without the state) are
+prepared in memory and searched exactly, as before. Scores: plain ranking, the cosine of the
+query and the item embeddings (or a softmax over the database); re-ranked, the cosine of the
+expanded query and the item's augmented vector in the projected space (comparable within one
+query's results, not with plain cosines).
 
 Text queries (CLIP models) embed words with the model's text tower into the images' space; a
 query may add an image and subtract a negative text: the unit vectors of the image and the text
@@ -12,7 +21,7 @@ are summed, the negative text's subtracted (as rclip does), and the result norma
 from __future__ import annotations
 
 import threading
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -23,11 +32,20 @@ from fastret.engine.encoders import Encoder, describe_runtime
 from fastret.engine.text import TextEncoder, check_query_text, encode_texts
 from fastret.engine.index import Index
 from fastret.engine.evaluation import index_search
-from fastret.engine.rerank import RECOMMENDED_RERANK, PreparedDatabase, RerankOptions, prepare_database, rerank_ranker, rerank_search
+from fastret.engine.rerank import (
+    RECOMMENDED_RERANK,
+    PreparedDatabase,
+    RerankOptions,
+    RerankState,
+    fitted_options,
+    graph_search,
+    prepare_database,
+    rerank_search,
+)
 from fastret.engine.retrieval import SCORES, Hit, hits_from, ids_of_file, rank_hits
 from fastret.engine.tta import average_views, flip_horizontal
 from fastret.service.load import BackendUnavailable, encoder_for_index, text_encoder_for_index
-from fastret.service.stores import open_index, rerank_refusal
+from fastret.service.stores import open_index
 
 MAX_K = 1000
 """Most results one query may ask for: bounds the work (and the response) of a single request."""
@@ -43,9 +61,9 @@ class SearchOptions:
 
     k: int = 10
     exact: bool = False  # brute force instead of the HNSW graph
-    ef: int | None = None  # HNSW ef at query time (None: the index's)
+    ef: int | None = None  # HNSW ef at query time (None: the index's, or the re-ranking graph's automatic one)
     score: str = "cosine"  # or "softmax" over the database (plain ranking only)
-    rerank: RerankOptions = field(default_factory=RerankOptions)
+    rerank: RerankOptions = RECOMMENDED_RERANK  # RerankOptions(): the plain ranking
     flip_tta: bool = False  # average the query's embedding with its mirror image's
     include_self: bool = False  # keep the query's own item (a file of the index, or an item query)
 
@@ -58,23 +76,17 @@ class SearchOptions:
             raise ValueError(f"unknown score {self.score!r}: choose one of {', '.join(SCORES)}")
         if self.rerank.active and self.score != "cosine":
             raise ValueError(
-                "score softmax does not combine with re-ranking (--rerank, --pca, --dba, --qe, --kreciprocal): "
-                "its probabilities are over plain cosines"
+                "score softmax does not combine with re-ranking (on by default): its probabilities are over "
+                "plain cosines; add --no-rerank (rerank=false)"
             )
 
-    @property
-    def mode(self) -> str:
-        """How the ranking is computed, for reports: 'hnsw', 'exact' or 'exact + re-ranking'."""
-        if self.rerank.active:
-            return "exact + re-ranking"  # the graph is built on the raw embeddings (BENCHMARKS.md)
-        return "exact" if self.exact else "hnsw"
-
     def to_dict(self) -> dict:
-        return {**asdict(self), "rerank": self.rerank.to_dict() if self.rerank.active else None, "search": self.mode}
+        """The options as asked; Retriever.describe adds what ran."""
+        return {**asdict(self), "rerank": self.rerank.to_dict() if self.rerank.active else None}
 
 
 def rerank_request(
-    recommended: bool = False,
+    recommended: bool = True,
     *,
     pca_dim: int | None = None,
     pca_power: float | None = None,
@@ -83,8 +95,8 @@ def rerank_request(
     alpha: float | None = None,
     kreciprocal: bool | None = None,
 ) -> RerankOptions:
-    """Re-ranking as front ends ask for it: the recommended set when `recommended`, else none,
-    then each given step overrides (one alpha weights both DBA and QE)."""
+    """Re-ranking as front ends ask for it: the recommended set (the default), or none when not
+    `recommended` (--no-rerank), then each given step overrides (one alpha weights both DBA and QE)."""
     given = {
         "pca_dim": pca_dim,
         "pca_power": pca_power,
@@ -266,8 +278,8 @@ class Retriever:
         """Hits for each query row; `excludes[i]` are item ids treated as absent for query i."""
         queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
         excludes = [self._rows(exclude) for exclude in excludes] if excludes is not None else [frozenset()] * len(queries)
-        if options.rerank.active:
-            ids, scores = rerank_search(self.prepared(options.rerank), queries, options.k, options.rerank, excludes)
+        if options.rerank.active and self.can_rerank:
+            ids, scores = self._reranked(options)(queries, options.k, excludes)
             return [hits_from(self.index, row_ids, row_scores) for row_ids, row_scores in zip(ids, scores)]
         return [
             rank_hits(self.index, query, options.k, exact=options.exact, ef=options.ef, score=options.score,
@@ -307,15 +319,63 @@ class Retriever:
         With leave_one_out, query row i is item i: plain search drops it afterwards (evaluation's
         drop_self); re-ranking treats it as absent, so it never helps rank itself.
         """
-        if options.rerank.active:
-            return rerank_ranker(self.prepared(options.rerank), options.rerank, leave_one_out=leave_one_out)
+        if options.rerank.active and self.can_rerank:
+            search = self._reranked(options)
+
+            def ranked(queries: np.ndarray, k: int) -> np.ndarray:
+                excludes = [frozenset({row}) for row in range(len(queries))] if leave_one_out else None
+                return search(queries, k, excludes)[0]
+
+            return ranked
         return index_search(self.index, exact=options.exact, ef=options.ef)
 
+    @property
+    def can_rerank(self) -> bool:
+        """Whether the index can re-rank: an Index can (its state, or one prepared in memory); a store
+        without `rerank_state` (another back end) cannot, and answers with the plain ranking."""
+        return hasattr(self.index, "rerank_state")
+
+    def stored_rerank(self, rerank: RerankOptions) -> RerankState | None:
+        """The index's re-ranking state when it holds these options' PCA and DBA, else None."""
+        state = self.index.rerank_state()
+        return state if state is not None and state.holds(rerank) else None
+
+    def _reranked(self, options: SearchOptions) -> Callable[..., tuple[np.ndarray, np.ndarray]]:
+        """(queries, k, excludes (rows)) -> (Q, k) rows and scores of the re-ranked pipeline: through the
+        index's graph, or exactly (`exact`, k-reciprocal, or options the index does not hold)."""
+        rerank, state = options.rerank, self.stored_rerank(options.rerank)
+        if state is not None and not options.exact and not rerank.kreciprocal:
+            return lambda queries, k, excludes: graph_search(state, queries, k, rerank, excludes, ef=options.ef)
+        prepared = state.prepared() if state is not None else self.prepared(rerank)
+        return lambda queries, k, excludes: rerank_search(prepared, queries, k, rerank, excludes)
+
+    def describe(self, options: SearchOptions) -> dict:
+        """The options plus what ran: "search" ("hnsw" or "exact") and "rerank" (None: plain ranking;
+        else the steps that ran, where the state came from, the graph's ef and notes)."""
+        described = options.to_dict()
+        if not options.rerank.active or not self.can_rerank:
+            exact = options.exact or getattr(self.index, "hnsw", None) is None
+            plain = {**described, "search": "exact" if exact else "hnsw", "rerank": None}
+            if options.rerank.active:
+                plain["rerank_unavailable"] = f"{type(self.index).__name__} holds no re-ranking state: the plain ranking"
+            return plain
+        rerank = options.rerank
+        state = self.stored_rerank(rerank)
+        if state is None:
+            ran, notes = fitted_options(len(self.index), rerank)
+            why = ("the index holds no re-ranking state" if self.index.rerank_state() is None
+                   else "the index's re-ranking state has other PCA / DBA options")
+            summary = {**ran.to_dict(), "source": "memory", "notes": [f"{why}: prepared in memory, exact search", *notes]}
+            return {**described, "search": "exact", "rerank": summary}
+        through_graph = not options.exact and not rerank.kreciprocal
+        summary = {**state.summary(), "qe_n": rerank.qe_n, "qe_alpha": rerank.qe_alpha, "kreciprocal": rerank.kreciprocal,
+                   "source": "index"}
+        summary["ef"] = (options.ef or state.ef) if through_graph else None
+        return {**described, "search": "hnsw" if through_graph else "exact", "rerank": summary}
+
     def prepared(self, rerank: RerankOptions) -> PreparedDatabase:
-        """The database in the re-ranking space of these options, kept for the next query that asks."""
-        refused = rerank_refusal(self.index)
-        if refused is not None:
-            raise ValueError(refused)
+        """The database in the re-ranking space of options the index does not hold, prepared in memory
+        and kept for the next query that asks."""
         key = (rerank.pca_dim, rerank.pca_power, rerank.dba_n, rerank.dba_alpha)
         with self._prepare_lock:
             prepared = self._prepared.pop(key, None) or prepare_database(self.index.embeddings, rerank)

@@ -28,13 +28,6 @@ from fastret.engine.lance_store import (
 from fastret.engine.lance_store import next_free_id as lance_next_free_id
 from fastret.engine.lance_store import read_manifest as read_lance_manifest
 
-RERANK_REFUSED = (
-    "re-ranking (--rerank, --pca, --dba, --qe, --kreciprocal) runs over every vector in memory, which a "
-    "LanceDB store exists to avoid; search it with the plain ranking, or index the folder with the default "
-    "hnswlib store to re-rank"
-)
-
-
 def holds_lance_store(index_dir: str | Path) -> bool:
     """Whether INDEX points at a LanceDB table (refusing a folder that holds both stores)."""
     index_dir = Path(index_dir)
@@ -67,11 +60,6 @@ def read_state(index_dir: str | Path) -> IndexState | LanceState:
 def next_free_id(index_dir: str | Path) -> int:
     """The first id a full rebuild into this directory gives (ids stay unique across rebuilds)."""
     return lance_next_free_id(index_dir) if is_lance_index(index_dir) else hnswlib_store.next_free_id(index_dir)
-
-
-def rerank_refusal(index: Index | LanceIndex) -> str | None:
-    """Why re-ranking cannot run on this index (None: it can)."""
-    return RERANK_REFUSED if isinstance(index, LanceIndex) else None
 
 
 def save_lance(

@@ -16,7 +16,7 @@ from PIL import Image
 from fastret.cli.main import main
 from fastret.engine.index import Index
 
-HIT_LINE = re.compile(r"^(\d+)\. (\S+) - (Similarity Score|Probability): (\d+\.\d\d)$")
+HIT_LINE = re.compile(r"^(\d+)\. (\S+) - (Similarity Score|Re-ranked Score|Probability): (\d+\.\d\d)$")
 QUERY = "buildings/299.jpg"
 
 
@@ -137,7 +137,7 @@ def test_search_prints_ten_buildings(wang1k, wang1k_index, capsys):
     assert code == 0
     hits = parse_hits(out)
     assert len(hits) == 10
-    assert all(label == "Similarity Score" for _, _, label, _ in hits)
+    assert all(label == "Re-ranked Score" for _, _, label, _ in hits)  # re-ranking is on by default
     paths = [path for _, path, _, _ in hits]
     assert all(path.startswith("buildings/") for path in paths), paths
     assert QUERY not in paths  # the query itself is excluded by default
@@ -149,8 +149,10 @@ def test_search_prints_ten_buildings(wang1k, wang1k_index, capsys):
 def test_include_self_keeps_the_query_first(wang1k, wang1k_index, capsys):
     code, out, _ = run(capsys, "search", wang1k / QUERY, "--index", wang1k_index, "--include-self")
     hits = parse_hits(out)
-    assert code == 0 and len(hits) == 10
-    assert hits[0][1] == QUERY and hits[0][3] == 1.0
+    assert code == 0 and len(hits) == 10 and hits[0][1] == QUERY
+    code, out, _ = run(capsys, "search", wang1k / QUERY, "--index", wang1k_index, "--include-self", "--no-rerank")
+    hits = parse_hits(out)
+    assert code == 0 and hits[0][1] == QUERY and hits[0][3] == 1.0 and hits[0][2] == "Similarity Score"
 
 
 @pytest.mark.data
@@ -163,11 +165,11 @@ def test_json_softmax_and_exact(wang1k, wang1k_index, capsys):
     exact = json_results(capsys, query, "--index", wang1k_index, "--exact")
     assert [hit["path"] for hit in exact] == [hit["path"] for hit in hnsw]
     np.testing.assert_allclose([h["score"] for h in exact], [h["score"] for h in hnsw], atol=1e-4)
-    softmax = json_results(capsys, query, "--index", wang1k_index, "--score", "softmax")
+    softmax = json_results(capsys, query, "--index", wang1k_index, "--score", "softmax", "--no-rerank")
     probabilities = [hit["score"] for hit in softmax]
     assert all(0 < p <= 1 for p in probabilities) and sum(probabilities) <= 1 + 1e-6
     assert probabilities == sorted(probabilities, reverse=True)
-    code, out, _ = run(capsys, "search", query, "--index", wang1k_index, "--score", "softmax")
+    code, out, _ = run(capsys, "search", query, "--index", wang1k_index, "--score", "softmax", "--no-rerank")
     assert code == 0 and all(label == "Probability" for _, _, label, _ in parse_hits(out))
 
 

@@ -171,6 +171,26 @@ def test_a_members_candidates_join_when_they_match_the_representative():
     assert groups == [Group(0, [Member(1, 0.9, MATCH), Member(2, 0.8, MATCH)])]
 
 
+@pytest.mark.parametrize("processes", [1, 3])
+def test_components_grouped_in_processes_give_the_groups_of_one_pass(processes):
+    """Groups never span components of the candidate graph, so verifying components apart changes nothing."""
+    rng = np.random.default_rng(0)
+    rows = 60
+    candidates: dict[int, list[tuple[int, float]]] = {}
+    for a, b in {tuple(sorted(pair)) for pair in rng.integers(0, rows, size=(45, 2)) if pair[0] != pair[1]}:
+        candidates.setdefault(int(a), []).append((int(b), 0.9))
+        candidates.setdefault(int(b), []).append((int(a), 0.9))
+    similar = {frozenset(pair) for pair in rng.integers(0, rows, size=(400, 2)).tolist()}
+    priority = rng.permutation(rows).tolist()
+
+    def verify(a, b):
+        return MATCH if frozenset({a, b}) in similar else None
+
+    expected = star_groups(priority, candidates, verify)
+    assert len(expected) > 3
+    assert star_groups(priority, candidates, verify, processes=processes) == expected
+
+
 # --- pixel verification -------------------------------------------------------------------------
 
 
@@ -338,3 +358,26 @@ def test_get_duplicates_endpoint(library):
     kept_id = data["groups"][0]["kept"]["id"]
     assert client.get(f"/items/{kept_id}/thumbnail").status_code == 200
     assert client.get("/duplicates", params={"threshold": "2"}).status_code == 400
+
+
+def test_reported_ids_are_the_items_stable_ids_after_an_edit(library, tmp_path):
+    from fastret.engine.index import Index
+    from fastret.engine.update import refresh_index
+
+    index_of(library).save(tmp_path / "idx")
+    (library / "a" / "other.png").unlink()  # the first row: every later row moves up one
+    refresh_index(tmp_path / "idx", library, MeanColourEncoder(), workers=0)
+    index = Index.load(tmp_path / "idx")
+    id_of = {item.path: int(index.ids[row]) for row, item in enumerate(index.items)}
+    [group] = find_duplicates(Retriever(index)).groups
+    assert {copy.path: copy.item_id for copy in [group.kept, *group.duplicates]} == {
+        path: id_of[path] for path in ("a/photo.png", "b/photo-copy.png", "b/photo-small.jpg", "c/photo-crop.jpg")
+    }
+    assert id_of["a/photo.png"] != 0  # ids are not rows here
+
+
+def test_flat_pictures_without_keypoints_are_compared_not_fatal(tmp_path):
+    for number, grey in enumerate((40, 41, 200)):
+        save(Image.new("RGB", (300, 200 + number), (grey, grey, grey)), tmp_path / f"flat-{number}.png", 1000)
+    report = find_duplicates(Retriever(index_of(tmp_path)))
+    assert report.skipped == []

@@ -85,7 +85,7 @@ def test_eval_cli_leave_one_out_on_animals10(animals10, bundled_onnx, tmp_path, 
     assert result["overall"]["P@10"] > 0.7  # random ranking: about 0.1
     # recall@10 = hits / 31, precision@10 = hits / 10 for every query of this balanced set
     assert result["overall"]["R@10"] == pytest.approx(result["overall"]["P@10"] * 10 / 31, abs=1e-5)
-    assert set(result["seconds"]) == {"model_load", "database_embedding", "search"}
+    assert set(result["seconds"]) == {"model_load", "database_embedding", "rerank_prepare", "search"}
 
 
 def test_eval_cli_needs_a_protocol(capsys):
@@ -181,7 +181,7 @@ def test_eval_cli_split_and_saved_index_with_a_tiny_model(tiny_source, tiny_clip
     """The split protocol through the CLI, then the same through a saved index (no data needed)."""
     common = ["--db", str(tiny_source), "--queries", str(tiny_source), "--backend", "torch", "-k", "1", "3"]
     out = tmp_path / "split.json"
-    assert main(["eval", *common, "--model", str(tiny_clip_dir), "--exact", "--json", str(out)]) == 0
+    assert main(["eval", *common, "--model", str(tiny_clip_dir), "--exact", "--no-rerank", "--json", str(out)]) == 0
     split = json.loads(out.read_text())
     assert split["protocol"] == "split" and split["queries"] == 20 and split["db_images"] == 20
     assert split["search"] == "exact" and set(split["per_class"]) == {"cats", "dogs"}
@@ -191,7 +191,7 @@ def test_eval_cli_split_and_saved_index_with_a_tiny_model(tiny_source, tiny_clip
     assert main(["index", str(tiny_source), "--model", str(tiny_clip_dir), "--backend", "torch",
                  "--out", str(tmp_path / "index"), "-q"]) == 0
     out = tmp_path / "indexed.json"
-    assert main(["eval", *common, "--index", str(tmp_path / "index"), "--exact", "--json", str(out)]) == 0
+    assert main(["eval", *common, "--index", str(tmp_path / "index"), "--exact", "--no-rerank", "--json", str(out)]) == 0
     indexed = json.loads(out.read_text())
     assert "index_load" in indexed["seconds"] and "database_embedding" not in indexed["seconds"]
     assert indexed["overall"] == split["overall"]

@@ -38,7 +38,9 @@ from fastret.engine.index import (
 DIM = 16
 # The files of a freshly saved index: one segment and one graph.
 EMBEDDINGS, ITEMS, FILES, HNSW = "seg-000000.npy", "seg-000000.items.json", "seg-000000.files.npy", "graph-000000.bin"
-ALL_FILES = (EMBEDDINGS, ITEMS, FILES, HNSW, DELETED, GRAPH_DELETED)
+# make_index's re-ranking state: 60 items are too few for PCA 256, enough for DBA 5
+RERANK_FILES = (*(f"rerank-000000.{array}.npy" for array in index_module.RERANK_ARRAYS), "rerank-000000.graph.bin")
+ALL_FILES = (EMBEDDINGS, ITEMS, FILES, HNSW, DELETED, GRAPH_DELETED, *RERANK_FILES)
 INFO = ModelInfo("test-model", "ab" * 32, DIM, Preprocessing(32, 32, "bilinear", (0.0,) * 3, (1.0,) * 3))
 
 

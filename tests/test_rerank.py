@@ -312,11 +312,18 @@ def test_search_flags_rerank_and_write_nothing_into_the_index(colour_index, caps
     assert [hit["id"] for hit in report["results"]] == ids[0].tolist()
     assert main([*argv, "--dba", "2", "--qe", "2"]) == 0  # the state is prepared in memory again, identically
     assert [hit["id"] for hit in json.loads(capsys.readouterr().out)["results"]] == ids[0].tolist()
+    assert main([*argv]) == 0  # the default: the index's own re-ranking state, loaded, through its graph
+    report = json.loads(capsys.readouterr().out)
+    assert report["search"] == "hnsw" and report["rerank"]["source"] == "index"
+    assert [hit["label"] for hit in report["results"]] == ["red"] * 5
     assert sorted((p.relative_to(index_dir), p.stat().st_mtime_ns) for p in index_dir.rglob("*")) == before
-    assert main([*argv]) == 0
+    assert main([*argv, "--no-rerank"]) == 0
     assert json.loads(capsys.readouterr().out)["rerank"] is None
     assert main([*argv, "--qe", "1", "--score", "softmax"]) == 2
     assert "does not combine" in capsys.readouterr().err
+    assert main([*argv, "--score", "softmax"]) == 2  # re-ranking is on by default
+    assert "add --no-rerank" in capsys.readouterr().err
+    assert main([*argv, "--score", "softmax", "--no-rerank"]) == 0
 
 
 # --- evaluation through the re-ranking pipeline --------------------------------------------------
@@ -379,9 +386,11 @@ def test_cli_flags_build_the_options():
     def options(*argv: str) -> RerankOptions:
         return rerank_options(parser.parse_args(list(argv)))
 
-    assert options() == RerankOptions() and not options().active
-    assert options("--rerank") == RECOMMENDED_RERANK
-    assert options("--rerank", "--qe", "0") == replace(RECOMMENDED_RERANK, qe_n=0)
+    assert options() == options("--rerank") == RECOMMENDED_RERANK  # on by default
+    assert options("--no-rerank") == RerankOptions() and not options("--no-rerank").active
+    assert options("--qe", "0") == replace(RECOMMENDED_RERANK, qe_n=0)
     assert options("--rerank", "--pca-power", "0.5").pca_power == 0.5
-    assert options("--dba", "3", "--alpha", "2") == RerankOptions(dba_n=3, dba_alpha=2.0, qe_alpha=2.0)
-    assert options("--pca", "64", "--kreciprocal") == RerankOptions(pca_dim=64, kreciprocal=True)
+    assert options("--no-rerank", "--dba", "3", "--alpha", "2") == RerankOptions(dba_n=3, dba_alpha=2.0, qe_alpha=2.0)
+    assert options("--no-rerank", "--pca", "64", "--kreciprocal") == RerankOptions(pca_dim=64, kreciprocal=True)
+    with pytest.raises(SystemExit):
+        options("--rerank", "--no-rerank")

@@ -15,6 +15,7 @@ import pytest
 
 from fastret.cli.main import main
 from fastret.engine.index import CURRENT, BadIndex, Index, Item, index_writer_lock
+from fastret.engine.rerank import RerankOptions
 from fastret.service.search import Retriever, SearchOptions
 
 QUERY = "buildings/299.jpg"
@@ -22,7 +23,9 @@ FP32 = ["--model", "efficientnet-lite2", "--backend", "onnxruntime", "--precisio
 
 
 def search_hits(capsys, index, query, *flags) -> list[dict]:
-    assert main(["search", str(query), "--index", str(index), "--json", *flags]) == 0
+    """The hits of `fastret search --json` (the plain ranking unless the flags ask for re-ranking)."""
+    plain = [] if "--rerank" in flags or "--no-rerank" in flags else ["--no-rerank"]
+    assert main(["search", str(query), "--index", str(index), "--json", *plain, *flags]) == 0
     return json.loads(capsys.readouterr().out)["results"]
 
 
@@ -178,10 +181,11 @@ def test_lance_store_gives_the_hnswlib_top_10_in_exact_mode(wang1k, wang1k_index
     assert len(lance_hits) == 10 and QUERY not in [h["path"] for h in lance_hits]  # the query's own item stays out
 
 
+PLAIN = RerankOptions()
 OPTIONS = [
-    SearchOptions(exact=True, include_self=True),
-    SearchOptions(k=5, score="softmax"),
-    SearchOptions(k=20),
+    SearchOptions(exact=True, include_self=True, rerank=PLAIN),
+    SearchOptions(k=5, score="softmax", rerank=PLAIN),
+    SearchOptions(k=20, rerank=PLAIN),
 ]
 
 
@@ -205,20 +209,21 @@ def test_the_web_api_serves_a_lance_store(wang1k_index, wang1k_lance):
     from fastret.web.app import create_app
 
     item_id = int(Index.load(wang1k_index).ids[123])
-    want = [h.path for h in Retriever(Index.load(wang1k_index)).search_item(item_id, SearchOptions(exact=True))]
+    want = [h.path for h in Retriever(Index.load(wang1k_index)).search_item(item_id, SearchOptions(exact=True, rerank=PLAIN))]
     client = TestClient(create_app(Retriever.open(wang1k_lance)))  # its encoder from the recorded recipe
-    response = client.post(f"/search/item/{item_id}", params={"exact": True})
-    assert response.status_code == 200, response.text
-    assert [hit["path"] for hit in response.json()["results"]] == want
-    refused = client.post(f"/search/item/{item_id}", params={"rerank": True})
-    assert refused.status_code == 400 and "LanceDB store" in refused.text
+    for rerank in (False, True):  # re-ranking, the default, falls back to the plain ranking on this store
+        response = client.post(f"/search/item/{item_id}", params={"exact": True, "rerank": rerank})
+        assert response.status_code == 200, response.text
+        assert [hit["path"] for hit in response.json()["results"]] == want
 
 
 @pytest.mark.data
-def test_re_ranking_a_lance_store_is_refused_with_the_reason(wang1k, wang1k_lance, capsys):
-    assert main(["search", str(wang1k / QUERY), "--index", str(wang1k_lance), "--rerank"]) == 2
-    assert "LanceDB store" in capsys.readouterr().err
-    assert len(search_hits(capsys, wang1k_lance, wang1k / QUERY)) == 10  # the plain ranking answers
+def test_re_ranking_on_a_lance_store_falls_back_to_the_plain_ranking_and_says_so(wang1k, wang1k_lance, capsys):
+    query = wang1k / QUERY
+    assert main(["search", str(query), "--index", str(wang1k_lance), "--json", "--rerank", "--exact"]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    assert answer["rerank"] is None and "plain ranking" in answer["rerank_unavailable"]
+    assert [hit["path"] for hit in answer["results"]] == search_paths(capsys, wang1k_lance, query, "--exact")
 
 
 @pytest.mark.data
@@ -226,7 +231,8 @@ def test_eval_reads_a_lance_store(wang1k, wang1k_index, wang1k_lance, tmp_path, 
     results = []
     for index in (wang1k_index, wang1k_lance):
         out = tmp_path / f"{index.parent.name}.json"
-        assert main(["eval", "--db", str(wang1k), "--leave-one-out", "--index", str(index), "--exact", "--json", str(out)]) == 0
+        assert main(["eval", "--db", str(wang1k), "--leave-one-out", "--index", str(index), "--exact", "--no-rerank",
+                     "--json", str(out)]) == 0
         results.append(json.loads(out.read_text()))
     capsys.readouterr()
     assert results[1]["search"] == "exact (LanceDB scan)"
@@ -263,7 +269,7 @@ def test_lance_store_round_trip_keeps_ids_stable(lance, gallery, wang1k, tmp_pat
     assert sorted(now[p] for p in now if p.startswith("buildings/")) == list(range(13, 19))
     assert now["buses/again.jpg"] == 19
     assert store.next_id == 20 and LanceState.read(out).next_id == 20
-    hits = Retriever(store).search_vector(store.embeddings[store.find_row(19)], SearchOptions(k=1))
+    hits = Retriever(store).search_vector(store.embeddings[store.find_row(19)], SearchOptions(k=1, rerank=PLAIN))
     assert (hits[0].item_id, hits[0].path) == (19, "buses/again.jpg")
 
 

@@ -47,7 +47,9 @@ OPTION_SETS = [
     (["--exact"], {"exact": "true"}),
     (["--rerank"], {"rerank": "true"}),
     (["--rerank", "--qe", "2", "--exact"], {"rerank": "true", "qe": "2", "exact": "true"}),
-    (["--score", "softmax", "-k", "5"], {"score": "softmax", "k": "5"}),
+    (["--no-rerank"], {"rerank": "false"}),
+    (["--no-rerank", "--exact"], {"rerank": "false", "exact": "true"}),
+    (["--score", "softmax", "-k", "5", "--no-rerank"], {"score": "softmax", "k": "5", "rerank": "false"}),
     (["--flip-tta", "--ef", "16"], {"flip_tta": "true", "ef": "16"}),
 ]
 
@@ -256,7 +258,8 @@ def test_search_with_another_cache_uses_the_recorded_artefact_or_refuses(tiny_cl
     assert Index.load(tmp_path / "index").encoder["precision"] == precision
     monkeypatch.setenv("FASTRET_CACHE", str(cache_b))
     query = gallery / "3.png"
-    found = cli_json(capsys, query, "--index", tmp_path / "index", "--include-self", "-k", "1")["results"][0]
+    found = cli_json(capsys, query, "--index", tmp_path / "index", "--include-self", "-k", "1",
+                     "--no-rerank")["results"][0]  # a plain cosine: 1 for itself
     assert found["path"] == "things/3.png" and found["score"] >= 0.999
     cache_a.rename(tmp_path / "A-moved")
     assert main(["search", str(query), "--index", str(tmp_path / "index")]) == 2

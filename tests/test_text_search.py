@@ -16,13 +16,14 @@ from PIL import Image
 
 from fastret.cli.main import main
 from fastret.engine.index import Index
+from fastret.engine.rerank import RerankOptions
 from fastret.engine.retrieval import build_index
 from fastret.engine.text import Tokens, check_query_text
 from fastret.service.load import BackendUnavailable, TextUnavailable, text_encoder_for_index
 from fastret.service.search import Retriever, SearchOptions, combine_query
 from fakes import MeanColourEncoder
 
-HIT_LINE = re.compile(r"^(\d+)\. (\S+) - Similarity Score: (-?\d+\.\d\d)$")
+HIT_LINE = re.compile(r"^(\d+)\. (\S+) - (?:Similarity|Re-ranked) Score: (-?\d+\.\d\d)$")
 COLOURS = {"red": (230, 20, 20), "green": (20, 230, 20), "blue": (20, 20, 230), "yellow": (230, 230, 20)}
 WORDS = ["red", "green", "blue", "yellow"]
 
@@ -94,7 +95,7 @@ def test_a_text_query_finds_the_images_it_names(colour_retriever, word):
 
 
 def test_a_negative_text_pushes_its_images_down(colour_retriever):
-    options = SearchOptions(k=12, exact=True)
+    options = SearchOptions(k=12, exact=True, rerank=RerankOptions())  # the vectors' arithmetic, ranked plainly
     plain = labels(colour_retriever.search_text("red yellow", options))
     minus = labels(colour_retriever.search_text("red yellow", options, negative="yellow"))
     assert set(plain[:6]) == {"red", "yellow"}

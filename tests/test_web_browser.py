@@ -70,20 +70,44 @@ def test_upload_shows_ten_buildings_and_click_searches_again(wang1k_server, brow
     assert errors == []
 
 
-def test_rerank_box_gives_the_search_services_reranked_results(wang1k_server, browser, wang1k):
-    from fastret.engine.rerank import RECOMMENDED_RERANK
+def test_rerank_box_unchecked_gives_the_plain_ranking(wang1k_server, browser, wang1k):
+    from fastret.engine.rerank import RerankOptions
     from fastret.service.search import SearchOptions
 
     url, retriever = wang1k_server
     page = browser.new_page()
     page.goto(url)
-    page.check("#rerank")
+    assert page.is_checked("#rerank")  # on by default
+    page.uncheck("#rerank")
     page.set_input_files("#file", str(wang1k / "buildings" / "299.jpg"))
-    page.wait_for_function("() => document.getElementById('status').textContent.includes('re-ranking')")
+    page.wait_for_function("() => document.getElementById('status').textContent.startsWith('10 results in')")
     wait_for_results(page, 10)
+    assert "re-ranking" not in page.locator("#status").text_content()
     expected = retriever.search_file(wang1k / "buildings" / "299.jpg",
-                                     SearchOptions(rerank=RECOMMENDED_RERANK, include_self=True))
+                                     SearchOptions(rerank=RerankOptions(), include_self=True))
     assert page.locator("#results .path").all_text_contents() == [hit.path for hit in expected]
+
+
+def test_the_page_shows_what_fastret_search_finds_by_default(wang1k_index, live_server, browser, wang1k, capsys):
+    """The default ranking (re-ranked through the index's graph) is the same on the page and in the CLI."""
+    import json
+
+    from fastret.cli.main import main
+    from fastret.service.search import Retriever
+    from fastret.web.app import create_app
+
+    query = wang1k / "buildings" / "299.jpg"
+    assert main(["search", str(query), "--index", str(wang1k_index), "--json", "--include-self"]) == 0
+    cli = json.loads(capsys.readouterr().out)
+    assert cli["search"] == "hnsw" and cli["rerank"]["source"] == "index" and cli["rerank"]["pca_dim"] == 256
+    with live_server(create_app(Retriever.open(wang1k_index))) as url:
+        page = browser.new_page()
+        page.goto(url)
+        page.wait_for_function("() => document.getElementById('health').textContent.includes(\"index's graph\")")
+        page.set_input_files("#file", str(query))
+        page.wait_for_function("() => document.getElementById('status').textContent.includes('hnsw + re-ranking')")
+        wait_for_results(page, 10)
+        assert page.locator("#results .path").all_text_contents() == [hit["path"] for hit in cli["results"]]
 
 
 # An indexed photo fetched by the page and handed to it as a dropped or pasted file.
@@ -107,4 +131,7 @@ def test_dropped_or_pasted_image_is_searched(wang1k_server, browser, item, how):
     wait_for_results(page, 10)
     assert page.locator("#query-name").text_content() == "query.jpg"
     assert page.locator("#results .path").first.text_content() == retriever.index.items[item].path
-    assert float(page.locator("#results .score").first.text_content()) == pytest.approx(1.0, abs=2e-3)
+    from fastret.service.search import SearchOptions  # the page's default: re-ranked, itself kept (an upload)
+
+    expected = retriever.search_item(int(retriever.index.ids[item]), SearchOptions(include_self=True))[0].score
+    assert float(page.locator("#results .score").first.text_content()) == pytest.approx(expected, abs=2e-3)

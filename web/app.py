@@ -98,7 +98,7 @@ class SearchOut(BaseModel):
     rerank: dict | None  # the re-ranking steps that ran (None: plain ranking)
     flip_tta: bool
     include_self: bool
-    search: str  # "hnsw", "exact" or "exact + re-ranking"
+    search: str  # "hnsw" or "exact": how the ranking (re-ranked or plain) was searched
     results: list[HitOut]
     timing: Timing
 
@@ -114,6 +114,7 @@ class HealthOut(BaseModel):
     index_version: str | None = None  # the version directory served (it changes when the index is updated)
     text_queries: bool = False  # POST /search/text works (a CLIP model with its text tower)
     text_unavailable: str | None = None  # why it does not, in one line
+    rerank: dict | None = None  # what the default search's re-ranking runs (steps, source, ef, notes)
 
 
 class TextQueryIn(BaseModel):
@@ -213,12 +214,8 @@ def create_app(
     async def ranked(live: Retriever, search: Callable[[], list[Hit]], name: str, options: SearchOptions,
                      stamps: list[float], batch_size: int) -> SearchOut:
         """Run the search in the threadpool; stamps are perf_counter() at start, decoded and encoded."""
-        try:
-            hits = await run_in_threadpool(search)
-        except ValueError as exc:  # options this index cannot answer (re-ranking a LanceDB store)
-            raise HTTPException(400, str(exc)) from None
+        hits, described = await run_in_threadpool(lambda: (search(), live.describe(options)))
         started, decoded, encoded, finished = *stamps, time.perf_counter()
-        described = options.to_dict()
         return SearchOut(
             query=name,
             model=live.index.model.model_id,
@@ -281,7 +278,8 @@ def create_app(
         exact: bool = Query(False, description="brute-force search instead of HNSW"),
         ef: int | None = Query(None, ge=1, le=100_000, description="HNSW ef at query time (default: the index's)"),
         score: ScoreName = Query("cosine", description="cosine similarity, or softmax probability over the database"),
-        rerank: bool = Query(False, description="the recommended re-ranking (PCA + DBA + alpha-QE), as `--rerank`"),
+        rerank: bool = Query(True, description="the recommended re-ranking (PCA + DBA + alpha-QE), on by default; "
+                             "false: the plain ranking, as `--no-rerank`"),
         pca: int | None = Query(None, ge=1, le=100_000, description="PCA to this many dimensions"),
         pca_power: float | None = Query(None, ge=0, le=1, description="0 plain PCA, 0.5 full whitening"),
         dba: int | None = Query(None, ge=0, le=1000, description="database-side augmentation with N neighbours"),
@@ -366,6 +364,7 @@ def create_app(
         live = retriever.current()
         index = live.index
         text_unavailable = await run_in_threadpool(live.text_unavailable)
+        default = await run_in_threadpool(live.describe, SearchOptions())
         return HealthOut(
             status="ok",
             version=__version__,
@@ -377,6 +376,7 @@ def create_app(
             index_version=index.version_dir.name if index.version_dir is not None else None,
             text_queries=text_unavailable is None,
             text_unavailable=text_unavailable,
+            rerank=default["rerank"],
         )
 
     app.include_router(duplicates_router(retriever))

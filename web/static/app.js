@@ -90,7 +90,7 @@ function render(data) {
   const t = data.timing;
   const ms = (value) => value.toFixed(1);
   const parts = [`decode ${ms(t.decode_ms)}`, `encode ${ms(t.encode_ms)}`, `search ${ms(t.search_ms)}`];
-  setStatus(`${data.results.length} results in ${ms(t.total_ms)} ms (${parts.join(" + ")} ms) · ${data.search} · ${data.score}`);
+  setStatus(`${data.results.length} results in ${ms(t.total_ms)} ms (${parts.join(" + ")} ms) · ${data.search}${data.rerank ? " + re-ranking" : ""} · ${data.score}`);
 }
 
 function firstImage(items) {
@@ -109,7 +109,10 @@ function rerun() {
 async function showHealth() {
   try {
     const h = await (await fetch("/health")).json();
-    $("health").textContent = `${h.count} images indexed with ${h.model} (${h.dim}-d, ${h.backend})`;
+    const r = h.rerank;
+    const rerank = r ? ` · re-ranking ${r.source === "index" ? `through the index's graph (${r.dim}-d, ef ${r.ef})` : "in memory"}`
+      + (r.notes.length ? `: ${r.notes.join("; ")}` : "") : "";
+    $("health").textContent = `${h.count} images indexed with ${h.model} (${h.dim}-d, ${h.backend})${rerank}`;
     $("text-form").hidden = !h.text_queries;
   } catch {
     $("health").textContent = "server unreachable";
@@ -131,6 +134,9 @@ window.addEventListener("DOMContentLoaded", () => {
     const file = firstImage(e.clipboardData.items);
     if (file) searchFile(file);
   });
+  // softmax probabilities are over plain cosines: choosing one turns the other off
+  $("score").addEventListener("change", () => { if ($("score").value === "softmax") $("rerank").checked = false; });
+  $("rerank").addEventListener("change", () => { if ($("rerank").checked) $("score").value = "cosine"; });
   $("options").addEventListener("change", rerun);
   $("text-form").addEventListener("submit", (e) => { e.preventDefault(); searchText($("text").value); });
   showHealth();

@@ -1,0 +1,156 @@
+"""The re-ranking state an index holds: fitted by writers, kept current by edits, searched through HNSW."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from fastret.engine.decode import Preprocessing
+from fastret.engine.encoders import ModelInfo
+from fastret.engine.index import (
+    Additions,
+    BadIndex,
+    HnswParams,
+    Index,
+    IndexState,
+    Item,
+    Sources,
+    fit_rerank,
+    live_version,
+    verify_index,
+)
+from fastret.engine.rerank import RECOMMENDED_RERANK, RerankOptions, graph_search, rerank_search
+from fastret.service.search import Retriever, SearchOptions
+
+DIM = 24
+INFO = ModelInfo("test-model", "cd" * 32, DIM, Preprocessing(32, 32, "bilinear", (0.0,) * 3, (1.0,) * 3))
+SMALL = RerankOptions(pca_dim=12, dba_n=3, qe_n=2)  # PCA, DBA and QE on a few hundred items
+
+
+def clustered(count: int, seed: int = 0, clusters: int = 12, spread: float = 0.6) -> np.ndarray:
+    """Unit rows around a few fixed centres (the same centres for every seed)."""
+    centres = np.random.default_rng(1234).standard_normal((clusters, DIM))
+    rng = np.random.default_rng(seed)
+    rows = centres[rng.integers(0, clusters, count)] + spread * rng.standard_normal((count, DIM))
+    return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
+
+
+def recall_at(found: np.ndarray, truth: np.ndarray) -> float:
+    return float(np.mean([len(np.intersect1d(a[a >= 0], b[b >= 0])) / max(1, (b >= 0).sum()) for a, b in zip(found, truth)]))
+
+
+def saved_index(tmp_path, count: int, options: RerankOptions | None = SMALL):
+    items = [Item(f"c/{i}.jpg", "c") for i in range(count)]
+    index = Index(INFO, "/gallery", items, clustered(count), HnswParams(M=8, ef_construction=100), rerank_options=options)
+    index.save(tmp_path / "idx")
+    return tmp_path / "idx"
+
+
+def test_hnsw_reranked_search_agrees_with_exact_reranked_search():
+    database, queries = clustered(3000, seed=1), clustered(300, seed=2)
+    state = fit_rerank(database, np.arange(3000), replace(RECOMMENDED_RERANK, pca_dim=16), HnswParams())
+    assert state.whitening is not None and state.ran.dba_n == 5 and state.recall >= 0.99
+    found, found_scores = graph_search(state, queries, 10, RECOMMENDED_RERANK)
+    truth, truth_scores = rerank_search(state.prepared(), queries, 10, RECOMMENDED_RERANK)
+    assert recall_at(found, truth) >= 0.99
+    same = (found == truth).all(axis=1)  # where the lists agree, so do the scores: both are exact cosines
+    np.testing.assert_allclose(found_scores[same], truth_scores[same], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("query", [0, 77, 299])
+def test_leave_one_out_through_the_graph_is_as_if_the_item_were_absent(query):
+    database = clustered(300, seed=3)
+    state = fit_rerank(database, np.arange(300), SMALL, HnswParams(M=8, ef_construction=100))
+    ids, scores = graph_search(state, database[query], 20, SMALL, [frozenset({query})], ef=300)
+    assert query not in ids[0]
+    exact_ids, exact_scores = rerank_search(state.prepared(), database[query], 20, SMALL, [frozenset({query})])
+    np.testing.assert_array_equal(ids, exact_ids)
+    np.testing.assert_allclose(scores, exact_scores, rtol=1e-5, atol=1e-6)
+
+
+def test_an_index_saves_its_state_and_search_goes_through_its_graph(tmp_path):
+    index_dir = saved_index(tmp_path, 300)
+    manifest = json.loads((live_version(index_dir) / "manifest.json").read_text())
+    assert manifest["rerank"]["ran"]["pca_dim"] == 12 and manifest["rerank"]["recall"] >= 0.99
+    assert set(manifest["rerank"]["files"].values()) <= set(manifest["files"])  # checksummed with the rest
+    retriever = Retriever(Index.load(index_dir))
+    options = SearchOptions(k=10, rerank=SMALL)
+    described = retriever.describe(options)
+    assert described["search"] == "hnsw" and described["rerank"]["source"] == "index"
+    hnsw = retriever.search_vector(clustered(1, seed=9)[0], options)
+    exact = retriever.search_vector(clustered(1, seed=9)[0], replace(options, exact=True))
+    assert [hit.item_id for hit in hnsw] == [hit.item_id for hit in exact]
+    assert retriever.describe(replace(options, exact=True))["search"] == "exact"
+    other = retriever.describe(replace(options, rerank=replace(SMALL, pca_dim=6)))  # not the stored PCA
+    assert other["search"] == "exact" and other["rerank"]["source"] == "memory"
+    assert retriever.describe(replace(options, rerank=RerankOptions()))["rerank"] is None
+
+
+def test_a_damaged_state_file_is_refused_naming_it(tmp_path):
+    index_dir = saved_index(tmp_path, 300)
+    manifest = json.loads((live_version(index_dir) / "manifest.json").read_text())
+    vectors = live_version(index_dir) / manifest["rerank"]["files"]["vectors"]
+    data = bytearray(vectors.read_bytes())
+    data[-5] ^= 0xFF
+    vectors.write_bytes(bytes(data))
+    assert any(vectors.name in problem for problem in verify_index(index_dir))
+    vectors.write_bytes(bytes(data[:-4]))
+    with pytest.raises(BadIndex, match=vectors.name):
+        Index.load(index_dir)
+
+
+@pytest.mark.parametrize("removed", [[], [5, 17, 250]])
+def test_an_edit_updates_the_state_as_a_refit_with_the_same_pca_would(tmp_path, removed):
+    index_dir = saved_index(tmp_path, 300)
+    before = Index.load(index_dir).rerank_state()
+    added = clustered(20, seed=7)
+    written = IndexState.read(index_dir).write(
+        Additions([Item(f"new/{i}.jpg", "new") for i in range(20)], added, Sources.unknown(20)), removed)
+    index = Index.load(index_dir)
+    state = index.rerank_state()
+    assert state.added == 20 and state.fitted == 300  # updated, not refitted (20 < REFIT_SHARE of 300)
+    np.testing.assert_array_equal(state.ids, index.ids)
+    refit = fit_rerank(index.embeddings, index.ids, SMALL, HnswParams(M=8, ef_construction=100),
+                       whitening=before.whitening)
+    np.testing.assert_array_equal(state.neighbours, refit.neighbours)
+    np.testing.assert_allclose(state.vectors, refit.vectors, atol=1e-5)
+    # the new items are found through the graph, the removed ones never
+    options = SearchOptions(k=5, rerank=SMALL, include_self=True)
+    hits = Retriever(index).search_vector(added[3], options)
+    assert hits[0].item_id == written.added_ids[3]
+    found = Retriever(index).search_vectors(index.embeddings, replace(options, k=10))
+    assert not {hit.item_id for row in found for hit in row} & set(removed)
+    assert verify_index(index_dir) == []
+
+
+def test_many_additions_refit_the_state(tmp_path):
+    index_dir = saved_index(tmp_path, 300)
+    added = clustered(100, seed=8)
+    IndexState.read(index_dir).write(Additions([Item(f"new/{i}.jpg", "new") for i in range(100)], added,
+                                               Sources.unknown(100)))
+    state = Index.load(index_dir).rerank_state()
+    assert state.fitted == 400 and state.added == 0
+
+
+@pytest.mark.parametrize(("count", "ran"), [(6, {"pca_dim": None, "dba_n": 0}), (30, {"pca_dim": None, "dba_n": 3}),
+                                            (300, {"pca_dim": 12, "dba_n": 3})])
+def test_small_databases_fall_back_and_say_so(tmp_path, count, ran):
+    retriever = Retriever(Index.load(saved_index(tmp_path, count, replace(SMALL, pca_dim=40))
+                                     if count < 300 else saved_index(tmp_path, count)))
+    options = SearchOptions(k=3, rerank=replace(SMALL, pca_dim=40) if count < 300 else SMALL)
+    summary = retriever.describe(options)["rerank"]
+    assert {key: summary[key] for key in ran} == ran and summary["source"] == "index"
+    assert ("no PCA" in " ".join(summary["notes"])) == (ran["pca_dim"] is None)
+    assert ("no DBA" in " ".join(summary["notes"])) == (ran["dba_n"] == 0)
+    assert len(retriever.search_vector(clustered(1, seed=4)[0], options)) == 3
+
+
+def test_an_index_without_state_reranks_in_memory_and_says_why(tmp_path):
+    retriever = Retriever(Index.load(saved_index(tmp_path, 60, options=None)))
+    described = retriever.describe(SearchOptions())
+    assert described["search"] == "exact" and described["rerank"]["source"] == "memory"
+    assert "holds no re-ranking state" in described["rerank"]["notes"][0]
+    assert len(retriever.search_vector(clustered(1, seed=4)[0], SearchOptions(k=4))) == 4
