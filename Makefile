@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# The CPU build of torch first: an unpinned torch would pull a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev,demo,web]'
+	$(PY) -m pip install -q -e '.[dev,demo,web,ray,lancedb]'
 	touch $@
 
 setup: $(VENV)/.installed

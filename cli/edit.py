@@ -15,7 +15,7 @@ from fastret.cli.options import add_runtime_options, int_in, positive_float
 from fastret.engine.decode import IMAGE_SUFFIXES, Skipped, list_images
 from fastret.engine.encoders import Encoder, describe_runtime
 from fastret.engine.index import BadIndex, HnswParams, IndexState, Written, default_index_dir, index_writer_lock
-from fastret.engine.pipeline import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS
+from fastret.engine.pipeline import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS, EmbedResult, embed_files
 from fastret.engine.retrieval import display_path
 from fastret.engine.update import (
     FULL,
@@ -27,6 +27,7 @@ from fastret.engine.update import (
     ids_under,
 )
 from fastret.service.load import BackendUnavailable, encoder_for_index
+from fastret.service.stores import holds_index, read_state
 from fastret.service.watch import DEFAULT_DEBOUNCE_S, Batch, FolderWatch, follow
 
 
@@ -46,10 +47,10 @@ def hnsw_params(args: argparse.Namespace, base: HnswParams) -> HnswParams:
 def existing_index(index_dir: Path, log=log) -> IndexState | None:
     """The index already in --out, to update; None when there is none, or it cannot be read (then it
     is rebuilt, as `fastret index` always did)."""
-    if not (Path(index_dir) / "CURRENT").exists():
+    if not holds_index(index_dir):
         return None
     try:
-        return IndexState.read(index_dir)
+        return read_state(index_dir)  # an hnswlib index or a LanceDB store
     except BadIndex as exc:
         log(f"cannot update the index in {index_dir} ({exc}): embedding everything again")
         return None
@@ -80,8 +81,11 @@ def check_same_model(state: IndexState, model: str) -> None:
         )
 
 
-def index_incrementally(args: argparse.Namespace, state: IndexState) -> int:
-    """`fastret index DIR --out INDEX` where INDEX holds an index of DIR: embed only what changed."""
+def index_incrementally(
+    args: argparse.Namespace, state: IndexState, *, embed: Callable[..., EmbedResult] = embed_files
+) -> int:
+    """`fastret index DIR --out INDEX` where INDEX holds an index of DIR: embed only what changed
+    (`embed`: embed_files' signature; the Ray engine passes its own)."""
     from tqdm import tqdm
 
     started = time.perf_counter()
@@ -101,7 +105,7 @@ def index_incrementally(args: argparse.Namespace, state: IndexState) -> int:
         done = apply_changes(
             state, changes, encoder, batch_size=args.batch_size, workers=args.workers,
             on_skip=lambda skip: bar.write(skip.line(), file=sys.stderr), on_progress=bar.update,
-            build={"include_hidden": True} if hidden != recorded_hidden else None,
+            build={"include_hidden": True} if hidden != recorded_hidden else None, embed=embed,
         )
     log(f"{done.summary()}, skipped {len(done.skipped)}, in {time.perf_counter() - started:.1f} s "
         f"{outcome(args.out, done.written, state)}")
@@ -122,7 +126,7 @@ def cmd_add(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     with index_writer_lock(args.index, wait=not args.no_wait, on_wait=log):
-        state = IndexState.read(args.index)
+        state = read_state(args.index)
         root = Path(state.root)
         check_updatable(state, root)
         scope = [under_root(path, root, args.copy_into) for path in args.paths]
@@ -190,7 +194,7 @@ def cmd_remove(args: argparse.Namespace) -> int:
     if not args.targets and not args.ids:
         raise ValueError("name what to remove: paths relative to the index root, or --id N")
     with index_writer_lock(args.index, wait=not args.no_wait, on_wait=log):
-        state = IndexState.read(args.index)
+        state = read_state(args.index)
         relatives = [relative_to_root(target, Path(state.root)) for target in args.targets]
         ids, unmatched = ids_under(state, relatives)
         unmatched = [target for target, relative in zip(args.targets, relatives) if relative in unmatched]
@@ -222,7 +226,12 @@ def relative_to_root(target: str, root: Path) -> str:
 def cmd_compact(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     with index_writer_lock(args.index, wait=not args.no_wait, on_wait=log):
-        state = IndexState.read(args.index)
+        state = read_state(args.index)
+        if not isinstance(state, IndexState):  # a LanceDB store: its own compaction and index upkeep
+            written = state.write(compact=True)
+            log(f"compacted {args.index}: LanceDB files compacted and every row taken into the ANN index; "
+                f"{written.count} items in {time.perf_counter() - started:.1f} s ({written.version.name})")
+            return 0
         stored = sum(segment.rows for segment in state.layout.segments)
         written = state.write(compact=True)
     log(f"compacted {args.index}: {len(state.layout.segments)} segments of {stored} stored rows -> one segment of "

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from fastret import __version__
-from fastret.cli import duplicates, edit, evaluate, serve
+from fastret.cli import duplicates, edit, evaluate, scale_out, serve
 from fastret.cli.options import add_runtime_options, add_search_options, int_in, search_options
 from fastret.engine.decode import ImageError, list_images
 from fastret.engine.encoders import describe_runtime
@@ -19,7 +19,6 @@ from fastret.engine.index import (
     Index,
     default_index_dir,
     index_writer_lock,
-    next_free_id,
     verify_index,
 )
 from fastret.engine.pipeline import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS
@@ -53,11 +52,12 @@ def cmd_index(args: argparse.Namespace) -> int:
     root = Path(args.dir)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: not a directory")
+    embed = scale_out.prepare(args, log)  # --engine / --store checked; embed_files or the Ray job
     # The whole job holds the index's writer lock: a second writer waits (or, --no-wait, fails) before any work.
     with index_writer_lock(args.out, wait=not args.no_wait, on_wait=log):
         existing = None if args.full else edit.existing_index(args.out, log)
         if existing is not None:  # embed only what changed
-            return edit.index_incrementally(args, existing)
+            return edit.index_incrementally(args, existing, embed=embed)
         encoder = open_encoder(
             args.model,
             args.backend,
@@ -80,12 +80,14 @@ def cmd_index(args: argparse.Namespace) -> int:
                 on_skip=lambda skip: bar.write(skip.line(), file=sys.stderr),
                 on_progress=bar.update,
                 include_hidden=args.include_hidden,
-                first_id=next_free_id(args.out),
+                first_id=scale_out.next_free_id(args.out),
+                embed=embed,
+                graph=scale_out.wants_graph(args),
             )
         if len(index) == 0:
             log(f"fastret: error: no image in {root} could be indexed ({len(result.skipped)} skipped)")
             return 1
-        version = index.save(args.out)
+        version = scale_out.save(index, args)  # index.save(args.out), or the LanceDB store
     seconds = result.stage_seconds
     log(
         f"indexed {len(index)} images, skipped {len(result.skipped)}, in {seconds['total']:.1f} s "
@@ -170,6 +172,7 @@ def add_index_options(parser: argparse.ArgumentParser) -> None:
                         help="embed every image again into a new index, even where --out holds an index of DIR")
     parser.add_argument("--rehash", action="store_true",
                         help="tell changed files by their contents (sha256), not by size and modification time")
+    scale_out.add_index_options(parser)  # --engine, --ray-address, --store, --lance-uri
 
 
 def build_parser() -> argparse.ArgumentParser:

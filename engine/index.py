@@ -93,6 +93,8 @@ REINDEX = "re-index with `fastret index`"
 # What a writer leaves in an index directory besides CURRENT and the lock: versions, a version
 # being written, and write_text_atomic's temporary for CURRENT.
 WRITER_PREFIXES = ("v-", ".tmp-", f".{CURRENT}.")
+LANCE_MANIFEST = "lancedb.json"  # a LanceDB store's pointer (fastret.engine.lance_store)
+INDEX_MARKERS = (CURRENT, LANCE_MANIFEST)  # what makes a folder an index folder
 
 COMPACT_DEAD_SHARE = 0.2
 """Removed items still stored (in segments, or marked in the graph) above this share: compact."""
@@ -1184,7 +1186,7 @@ def _check_writable_target(index_dir: Path) -> None:
     """Never write into a folder that holds something other than a fastret index (even a half-made one)."""
     if index_dir.exists() and not index_dir.is_dir():
         raise BadIndex(f"{index_dir}: exists and is not a directory")
-    if index_dir.is_dir() and not (index_dir / CURRENT).exists():
+    if index_dir.is_dir() and not any((index_dir / marker).exists() for marker in INDEX_MARKERS):
         foreign = [p.name for p in index_dir.iterdir() if p.name != LOCK and not p.name.startswith(WRITER_PREFIXES)]
         if foreign:
             raise BadIndex(

@@ -15,7 +15,7 @@ import numpy as np
 from fastret.engine.decode import list_images
 from fastret.engine.encoders import Encoder
 from fastret.engine.index import HnswParams, Index, build_hnsw
-from fastret.engine.pipeline import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS, EmbedResult, Skipped
+from fastret.engine.pipeline import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS, EmbedResult, Skipped, embed_files
 from fastret.engine.update import embed_paths
 
 SCORES = ("cosine", "softmax")
@@ -34,11 +34,15 @@ def build_index(
     on_progress: Callable[[int], None] | None = None,
     include_hidden: bool = False,
     first_id: int = 0,
+    embed: Callable[..., EmbedResult] = embed_files,
+    graph: bool = True,
 ) -> tuple[Index, EmbedResult]:
     """Embed every image under root and build the HNSW graph; bad files are skipped, not fatal.
 
     Files the listing leaves out (see list_images) count among the result's skipped files. Items
     get the ids first_id, first_id + 1, ... (a rebuild continues its predecessor's ids).
+    `embed` has embed_files' signature (the Ray engine passes its own); `graph=False` leaves the
+    HNSW graph out, for stores that index the vectors themselves.
     """
     root = Path(root).resolve()
     unlisted: list[Skipped] = []
@@ -48,7 +52,7 @@ def build_index(
             on_skip(skip)
     added, result = embed_paths(
         root, paths, encoder, batch_size=batch_size, workers=workers, draft=draft, on_skip=on_skip,
-        on_progress=on_progress,
+        on_progress=on_progress, embed=embed,
     )
     result.skipped[:0] = unlisted
     started = time.perf_counter()
@@ -58,7 +62,7 @@ def build_index(
         ids=ids, sources=added.sources, build={"draft": draft, "include_hidden": include_hidden}, next_id=first_id + len(added),
         thumbnails=added.thumbnails,
     )
-    index.hnsw = build_hnsw(added.embeddings, hnsw_params, ids)
+    index.hnsw = build_hnsw(added.embeddings, hnsw_params, ids) if graph else None
     result.stage_seconds["hnsw_build"] = round(time.perf_counter() - started, 4)
     return index, result
 

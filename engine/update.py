@@ -65,12 +65,13 @@ def embed_paths(
     draft: bool = True,
     on_skip: Callable[[Skipped], None] | None = None,
     on_progress: Callable[[int], None] | None = None,
+    embed: Callable[..., EmbedResult] = embed_files,
 ) -> tuple[Additions, EmbedResult]:
     """Embed files under root into new items (path relative to root, label = parent folder), with
     the sources they were read from and their thumbnails for the duplicate finder; bad files are
-    skipped, not fatal."""
+    skipped, not fatal. `embed` has embed_files' signature (the Ray engine passes its own)."""
     sources = read_sources(paths, workers=workers)
-    result = embed_files(
+    result = embed(
         paths, encoder, batch_size=batch_size, workers=workers, draft=draft, on_skip=on_skip, on_progress=on_progress,
         thumbnails=True,
     )
@@ -265,6 +266,7 @@ def apply_changes(
     on_skip: Callable[[Skipped], None] | None = None,
     on_progress: Callable[[int], None] | None = None,
     build: dict | None = None,
+    embed: Callable[..., EmbedResult] = embed_files,
 ) -> Refreshed:
     """Embed the new and changed files, drop the gone ones (`remove_gone`), write the next version.
 
@@ -284,6 +286,7 @@ def apply_changes(
         additions, result = embed_paths(
             changes.root, to_embed, encoder, batch_size=batch_size, workers=workers,
             draft=state.build.get("draft", True), on_skip=on_skip, on_progress=on_progress,
+            embed=embed,
         )
         done.skipped.extend(result.skipped)
     else:

@@ -11,11 +11,13 @@ from fastret.engine.decode import list_images
 from fastret.engine.encoders import describe_runtime
 from fastret.engine.evaluation import DEFAULT_KS, evaluate_embeddings, folder_labels
 from fastret.engine.index import Index, fit_rerank
+from fastret.engine.lance_store import LanceIndex
 from fastret.engine.pipeline import Skipped, embed_files
 from fastret.engine.retrieval import build_index
 from fastret.engine.tta import FlipAveragedEncoder
 from fastret.service.load import encoder_for_index, open_encoder
 from fastret.service.search import Retriever, SearchOptions
+from fastret.service.stores import open_index
 
 
 def evaluate_folders(
@@ -50,7 +52,7 @@ def evaluate_folders(
 
     started = time.perf_counter()
     if index_dir is not None:
-        index = Index.load(index_dir)
+        index = open_index(index_dir)  # an hnswlib index or a LanceDB store
         if Path(index.root).resolve() != db_dir:
             raise ValueError(f"{index_dir}: the index was built from {index.root}, not {db_dir}")
         seconds["index_load"] = _since(started)
@@ -120,6 +122,8 @@ def evaluate_folders(
 
 def _describe_search(index: Index, described: dict) -> str:
     """'exact', or 'hnsw (...)' with the graph's parameters and the ef it searched with."""
+    if isinstance(index, LanceIndex):  # its own ANN index (re-ranking falls back to the plain ranking)
+        return index.describe_search("exact" if described["exact"] else "hnsw", described["ef"])
     if described["search"] != "hnsw":
         return "exact"
     params = index.hnsw_params

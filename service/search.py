@@ -45,6 +45,7 @@ from fastret.engine.rerank import (
 from fastret.engine.retrieval import SCORES, Hit, hits_from, ids_of_file, rank_hits
 from fastret.engine.tta import average_views, flip_horizontal
 from fastret.service.load import BackendUnavailable, encoder_for_index, text_encoder_for_index
+from fastret.service.stores import open_index
 
 MAX_K = 1000
 """Most results one query may ask for: bounds the work (and the response) of a single request."""
@@ -156,7 +157,7 @@ class Retriever:
     ) -> "Retriever":
         """Load the live version of an index and open the encoder that embedded it (`images=False`:
         no image encoder, for text-only queries); the text tower opens on the first text query."""
-        index = Index.load(index_dir)
+        index = open_index(index_dir)  # an hnswlib index or a LanceDB store
         encoder = (
             encoder_for_index(index, backend, threads=threads, precision=precision, workload=workload, log=log)
             if images

@@ -1,0 +1,94 @@
+"""Which store an index directory holds, for readers and writers, and writing a LanceDB store.
+
+An index directory holds an hnswlib index (CURRENT and its versions; the default) or a pointer to
+a LanceDB table (lancedb.json, see fastret.engine.lance_store). `open_index` opens either for the
+search service (`fastret search/serve/eval --index INDEX`); `read_state` either for incremental
+writers (`fastret index` again, `fastret add/remove/compact`). lancedb itself is imported only
+when a LanceDB store is opened or written.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from fastret.engine import index as hnswlib_store
+from fastret.engine.index import CURRENT, LANCE_MANIFEST, BadIndex, Index, IndexState, index_writer_lock
+from fastret.engine.lance_store import (
+    AnnParams,
+    LanceIndex,
+    LanceState,
+    default_uri,
+    is_lance_index,
+    lancedb_missing,
+    new_manifest,
+    write_manifest,
+    write_table,
+)
+from fastret.engine.lance_store import next_free_id as lance_next_free_id
+from fastret.engine.lance_store import read_manifest as read_lance_manifest
+
+def holds_lance_store(index_dir: str | Path) -> bool:
+    """Whether INDEX points at a LanceDB table (refusing a folder that holds both stores)."""
+    index_dir = Path(index_dir)
+    if not is_lance_index(index_dir):
+        return False
+    if (index_dir / CURRENT).exists():
+        raise BadIndex(f"{index_dir} holds both an hnswlib index ({CURRENT}) and a LanceDB store ({LANCE_MANIFEST}); "
+                       "delete the one you do not want")
+    missing = lancedb_missing()
+    if missing:
+        raise BadIndex(f"{index_dir} is a LanceDB store: {missing}")
+    return True
+
+
+def holds_index(index_dir: str | Path) -> bool:
+    """Whether INDEX holds an index of either store (maybe damaged)."""
+    return (Path(index_dir) / CURRENT).exists() or is_lance_index(index_dir)
+
+
+def open_index(index_dir: str | Path) -> Index | LanceIndex:
+    """The live index in this directory, whichever store holds it."""
+    return LanceIndex.load(index_dir) if holds_lance_store(index_dir) else Index.load(index_dir)
+
+
+def read_state(index_dir: str | Path) -> IndexState | LanceState:
+    """The index in this directory as an incremental writer sees it, whichever store holds it."""
+    return LanceState.read(index_dir) if holds_lance_store(index_dir) else IndexState.read(index_dir)
+
+
+def next_free_id(index_dir: str | Path) -> int:
+    """The first id a full rebuild into this directory gives (ids stay unique across rebuilds)."""
+    return lance_next_free_id(index_dir) if is_lance_index(index_dir) else hnswlib_store.next_free_id(index_dir)
+
+
+def save_lance(
+    index: Index,
+    index_dir: str | Path,
+    *,
+    uri: str | None = None,
+    ann: AnnParams = AnnParams(),
+    wait: bool = True,
+    on_wait: Callable[[str], None] | None = None,
+) -> Path:
+    """Write an index's items, source records and embeddings (with its stable ids) to a LanceDB table,
+    replacing it, build its ANN index, then point INDEX at it; returns INDEX/lancedb.json. `uri`: a
+    folder or an object-storage URI (default: the one INDEX already names, else INDEX/lance)."""
+    index_dir = Path(index_dir)
+    with index_writer_lock(index_dir, wait=wait, on_wait=on_wait):
+        if (index_dir / CURRENT).exists():
+            raise BadIndex(f"{index_dir} holds an hnswlib index; choose another --out for the LanceDB store")
+        if uri is None:
+            uri = _recorded_uri(index_dir) or default_uri(index_dir)
+        ann_record = write_table(uri, index.ids, index.items, index.embeddings, index.sources, ann)
+        manifest = new_manifest(uri, model=index.model, root=index.root, encoder=index.encoder, build=index.build,
+                                next_id=index.next_id, ann=ann_record, created=index.created)
+        return write_manifest(index_dir, manifest)
+
+
+def _recorded_uri(index_dir: Path) -> str | None:
+    """The table URI an existing (maybe damaged) store in INDEX names."""
+    try:
+        return read_lance_manifest(index_dir)["uri"] if is_lance_index(index_dir) else None
+    except BadIndex:
+        return None
