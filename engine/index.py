@@ -264,6 +264,10 @@ class Index:
 
     # --- search -----------------------------------------------------------------------------
 
+    def search_kind(self, exact: bool) -> str:
+        """What `search(exact=exact)` runs: "hnsw" or "exact" (no graph: a tiny set)."""
+        return "exact" if exact or self.hnsw is None else "hnsw"
+
     def search(
         self, queries: np.ndarray, k: int = 10, *, exact: bool = False, ef: int | None = None
     ) -> tuple[np.ndarray, np.ndarray]:

@@ -349,6 +349,10 @@ class LanceIndex(_Manifested):
             raise BadIndex(f"the LanceDB store was built with {model.model_id} (dim {model.dim}) but the encoder is "
                            f"{expected.model_id} (dim {expected.dim}); re-index or use the index's model")
 
+    def search_kind(self, exact: bool) -> str:
+        """What `search(exact=exact)` runs: "exact" (a scan) or the table's ANN index ("ivf_pq", "ivf_hnsw_sq")."""
+        return "exact" if exact or self.ann is None else self.ann.kind.lower()
+
     def describe_search(self, mode: str, ef: int | None) -> str:
         """How a search of this mode runs here, for reports."""
         ann = self.ann

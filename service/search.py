@@ -350,12 +350,11 @@ class Retriever:
         return lambda queries, k, excludes: rerank_search(prepared, queries, k, rerank, excludes)
 
     def describe(self, options: SearchOptions) -> dict:
-        """The options plus what ran: "search" ("hnsw" or "exact") and "rerank" (None: plain ranking;
+        """The options plus what ran: "search" ("hnsw", "exact" or a store's ANN index) and "rerank" (None: plain ranking;
         else the steps that ran, where the state came from, the graph's ef and notes)."""
         described = options.to_dict()
         if not options.rerank.active or not self.can_rerank:
-            exact = options.exact or getattr(self.index, "hnsw", None) is None
-            plain = {**described, "search": "exact" if exact else "hnsw", "rerank": None}
+            plain = {**described, "search": self.index.search_kind(options.exact), "rerank": None}
             if options.rerank.active:
                 plain["rerank_unavailable"] = f"{type(self.index).__name__} holds no re-ranking state: the plain ranking"
             return plain

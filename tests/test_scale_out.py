@@ -339,6 +339,16 @@ def test_lance_ann_index_finds_the_exact_neighbours(synthetic_store):
     assert recall >= 0.9
 
 
+@pytest.mark.parametrize("exact, kind", [(False, "ivf_pq"), (True, "exact")])
+def test_the_search_service_names_the_lance_search_that_ran(synthetic_store, exact, kind):
+    """Regression: every plain search of a LanceDB store was described as "exact"."""
+    from fastret.service.search import Retriever, SearchOptions
+    from fastret.service.stores import open_index
+
+    described = Retriever(open_index(synthetic_store[0])).describe(SearchOptions(exact=exact))
+    assert described["search"] == kind and described["rerank"] is None
+
+
 def test_lance_state_write_adds_and_deletes_by_id(synthetic_store):
     from fastret.engine.index import Additions, Sources
     from fastret.engine.lance_store import LanceState
