@@ -229,7 +229,9 @@ def cmd_compact(args: argparse.Namespace) -> int:
         state = read_state(args.index)
         if not isinstance(state, IndexState):  # a LanceDB store: its own compaction and index upkeep
             written = state.write(compact=True)
-            log(f"compacted {args.index}: LanceDB files compacted and every row taken into the ANN index; "
+            ann = ("every row taken into the ANN index" if written.graph != "kept"
+                   else "no ANN index (a table this small is scanned)")
+            log(f"compacted {args.index}: LanceDB files compacted, {ann}; "
                 f"{written.count} items in {time.perf_counter() - started:.1f} s ({written.version.name})")
             return 0
         stored = sum(segment.rows for segment in state.layout.segments)

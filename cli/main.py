@@ -16,16 +16,15 @@ from fastret.engine.encoders import describe_runtime
 from fastret.engine.index import (
     BadIndex,
     HnswParams,
-    Index,
     default_index_dir,
     index_writer_lock,
-    verify_index,
 )
 from fastret.engine.pipeline import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS
 from fastret.engine.retrieval import SCORES, build_index, display_path
 from fastret.engine.text import check_query_text
 from fastret.export.models import ModelNotFound
 from fastret.export.onnx_export import ExportError
+from fastret.service import stores
 from fastret.service.load import BackendUnavailable, open_encoder
 from fastret.service.search import Retriever
 
@@ -89,23 +88,23 @@ def cmd_index(args: argparse.Namespace) -> int:
             return 1
         version = scale_out.save(index, args)  # index.save(args.out), or the LanceDB store
     seconds = result.stage_seconds
+    graph = f", HNSW {seconds['hnsw_build']:.2f} s" if args.store == "hnswlib" else ""  # LanceDB: in the save
     log(
         f"indexed {len(index)} images, skipped {len(result.skipped)}, in {seconds['total']:.1f} s "
-        f"({result.images_per_second:.1f} images/s; waited on the encoder {seconds['encode']:.1f} s, "
-        f"HNSW {seconds['hnsw_build']:.2f} s) -> {args.out} ({version.name})"
+        f"({result.images_per_second:.1f} images/s; waited on the encoder {seconds['encode']:.1f} s{graph}) "
+        f"-> {args.out} ({version.name})"
     )
     return 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    problems = verify_index(args.index)
-    for problem in problems:
+    found = stores.verify(args.index)  # an hnswlib index or a LanceDB store
+    for problem in found.problems:
         print(f"{display_path(str(args.index))}: {problem}")
-    if problems:
-        log(f"fastret: error: {args.index} is damaged ({len(problems)} problems); rebuild it with `fastret index DIR --out {args.index}`")
+    if found.problems:
+        log(f"fastret: error: {args.index} is damaged ({len(found.problems)} problems); {found.advice}")
         return 1
-    index = Index.load(args.index)
-    print(f"{display_path(str(args.index))}: ok, {len(index)} items, every checksum matches ({index.version_dir.name})")
+    print(f"{display_path(str(args.index))}: ok, {'; '.join(found.checked)}")
     return 0
 
 
@@ -129,6 +128,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     else:
         hits, name, backend = retriever.search_file(args.image, options), str(args.image), retriever.encoder.backend
     finished = time.perf_counter()
+    described = retriever.describe(options)  # what ran: a LanceDB store has no re-ranking
     if args.json:
         print(
             json.dumps(
@@ -136,7 +136,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                     "query": display_path(name),
                     "model": retriever.index.model.model_id,
                     "backend": backend,
-                    **retriever.describe(options),
+                    **described,
                     "seconds": {"load": round(loaded - started, 4), "query": round(finished - loaded, 4)},
                     "results": [hit.to_dict() for hit in hits],
                 },
@@ -145,7 +145,9 @@ def cmd_search(args: argparse.Namespace) -> int:
         )
         return 0
     label = "Probability" if options.score == "softmax" else "Similarity Score"
-    if options.rerank.active:
+    if "rerank_unavailable" in described:
+        log(f"note: {described['rerank_unavailable']}")
+    if described["rerank"] is not None:
         label = "Re-ranked Score"  # cosine in the re-ranking space (README 'What a score means')
     print(f"Top {len(hits)} most similar images:")
     for hit in hits:
@@ -188,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_index_options(index)
     index.set_defaults(run=cmd_index)
 
-    verify = commands.add_parser("verify", help="check every file of an index against its checksums")
+    verify = commands.add_parser("verify", help="check an index: every file against its checksums (a LanceDB "
+                                    "store: its manifest, table, rows and ANN index)")
     verify.add_argument("index", type=Path, nargs="?", default=default_index_dir(), help="index directory (default: %(default)s)")
     verify.set_defaults(run=cmd_verify)
 

@@ -11,7 +11,7 @@ and changed files when INDEX already holds an index of DIR.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Callable
 
 from fastret.engine.index import Index
@@ -79,7 +79,7 @@ def wants_graph(args: argparse.Namespace) -> bool:
     return args.store == "hnswlib"
 
 
-def save(index: Index, args: argparse.Namespace) -> Path:
+def save(index: Index, args: argparse.Namespace) -> PurePath:
     """Write a full build to the chosen store; the path to name in the summary line."""
     if args.store == "hnswlib":
         return index.save(args.out)

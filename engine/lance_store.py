@@ -15,7 +15,9 @@ Item ids are the stable ids of index format 2: the table's `id` column. `LanceIn
 calls the search service makes of an `Index` (rows are positions in id order; `ids[row]` is the
 item id), `LanceState` those an incremental writer makes of an `IndexState` (`fastret index` again,
 `fastret add/remove/compact`): its `write` maps removed ids to LanceDB's delete and additions to
-its add, with ids from `next_id`. lancedb is imported only when a LanceDB store is written or opened.
+its add, with ids from `next_id`. A LanceIndex reads one table version (`version_name`); a server
+follows the store by polling `live_version_name`. `verify_store` is `fastret verify` for a store.
+lancedb is imported only when a LanceDB store is written or opened.
 """
 
 from __future__ import annotations
@@ -140,12 +142,18 @@ def write_table(
     embeddings: np.ndarray,
     sources: Sources | None = None,
     ann: AnnParams = AnnParams(),
-) -> dict | None:
+) -> tuple[dict | None, PurePath]:
     """(Over)write the table at `uri` with these rows and build its ANN index; returns what the
-    manifest records of the index (None below MIN_ANN_ROWS)."""
+    manifest records of the index (None below MIN_ANN_ROWS) and the table version written."""
     sources = sources if sources is not None else Sources.unknown(len(items))
     table = connect(uri).create_table(TABLE, _arrow_rows(ids, items, embeddings, sources), mode="overwrite")
-    return build_ann(table, ann)
+    built = build_ann(table, ann)
+    return built, written_version(table.version)
+
+
+def written_version(table_version: int) -> PurePath:
+    """A write's table version, named as a write to an hnswlib index names its version folder."""
+    return PurePath(f"lancedb-v{table_version}")
 
 
 def build_ann(table, ann: AnnParams) -> dict | None:
@@ -214,16 +222,48 @@ def read_manifest(index_dir: str | Path) -> dict:
     return manifest
 
 
-def _open_table(index_dir: Path, manifest: dict):
+def _connect_table(index_dir: Path, manifest: dict):
+    """The table the manifest names, at its latest version (unchecked)."""
     try:
-        table = connect(manifest["uri"]).open_table(manifest.get("table", TABLE))
+        return connect(manifest["uri"]).open_table(manifest.get("table", TABLE))
     except Exception as exc:  # lancedb raises its own kinds for a missing or unreachable table
         raise BadIndex(f"{index_dir}: cannot open the LanceDB table at {manifest['uri']} ({type(exc).__name__}: {exc}); "
                        f"check the URI and its credentials, or {REBUILD}") from None
-    dim = table.schema.field("vector").type.list_size
+
+
+def _vector_dim(table) -> int | None:
+    """The table's vector length (None: no fixed-size `vector` column)."""
+    try:
+        return table.schema.field("vector").type.list_size
+    except (KeyError, AttributeError):
+        return None
+
+
+def _open_table(index_dir: Path, manifest: dict):
+    table = _connect_table(index_dir, manifest)
+    dim = _vector_dim(table)
     if dim != manifest["model"]["dim"]:
         raise BadIndex(f"{manifest['uri']}: vectors of {dim} dimensions, the manifest says {manifest['model']['dim']}; {REBUILD}")
     return table
+
+
+def table_version_name(index_dir: str | Path, uri: str, table_version: int) -> str:
+    """A name for one version of a store, as a version folder names an hnswlib index's: the table's
+    version, and its URI when that is not INDEX/lance (a rebuild into another table starts again
+    at version 1)."""
+    name = f"lancedb-v{table_version}"
+    return name if uri == default_uri(index_dir) else f"{name} ({uri})"
+
+
+def live_version_name(index_dir: str | Path) -> str | None:
+    """The name of the version a reader opening INDEX now gets, or None when the store cannot be
+    read now: a cheap poll for readers that follow a store (the manifest and the table's latest
+    version, no rows)."""
+    try:
+        manifest = read_manifest(index_dir)
+        return table_version_name(index_dir, manifest["uri"], _connect_table(Path(index_dir), manifest).version)
+    except BadIndex:
+        return None
 
 
 def next_free_id(index_dir: str | Path) -> int:
@@ -268,11 +308,13 @@ class _Manifested:
         return int(self.manifest["next_id"])
 
     # What the service layer reads of an index: no runtime record (the recipe says it), no version
-    # folder, hnswlib's parameters only as a placeholder (the table's ANN index answers).
+    # folder, hnswlib's parameters only as a placeholder (the table's ANN index answers), no
+    # thumbnails (the duplicate finder decodes the images it verifies).
     runtime = None
     version_dir = None
     hnsw = None
     hnsw_params = HnswParams()
+    thumbnails = None
 
 
 # --- reading: the search surface ---------------------------------------------------------------
@@ -299,6 +341,11 @@ class LanceIndex(_Manifested):
     @property
     def created(self) -> float:
         return float(self.manifest.get("created", 0.0))
+
+    @property
+    def version_name(self) -> str:
+        """The version read (see `table_version_name`): a follower compares it with `live_version_name`."""
+        return table_version_name(self.index_dir, self.uri, self.table.version)
 
     @cached_property
     def _rows(self) -> tuple[np.ndarray, list[Item]]:
@@ -431,7 +478,7 @@ class LanceState(_Manifested):
     @property
     def version(self) -> PurePath:
         """A name for the table version read, as IndexState.version names its version folder."""
-        return PurePath(f"lancedb-v{self.table_version}")
+        return written_version(self.table_version)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -468,16 +515,133 @@ class LanceState(_Manifested):
             manifest = {**self.manifest, "next_id": int(self.next_id + len(added_ids)), "ann": ann,
                         "build": {**self.build, **(build or {})}}
             write_manifest(self.index_dir, manifest)
-            version = PurePath(f"lancedb-v{table.version}")
+            version = written_version(table.version)
         return Written(version, added_ids, removed_ids, count, compact, action, 0)
 
     def _ann_upkeep(self, table, compact: bool) -> tuple[dict | None, str]:
         """The ANN record after a write and what happened to the index: kept, extended or rebuilt."""
         ann = self.ann or AnnParams()
-        if self.ann is None or table.index_stats(VECTOR_INDEX) is None:
+        indexed = self.ann is not None and table.index_stats(VECTOR_INDEX) is not None
+        if compact or (indexed and _unindexed_rows(table) > GRAPH_PENDING_SHARE * table.count_rows()):
+            table.optimize()  # compacts the table's files and folds new rows into its ANN index
+            if indexed:
+                return asdict(ann), "extended"
+        if not indexed:
             built = build_ann(table, ann)
             return built, "rebuilt" if built is not None else "kept"
-        if compact or _unindexed_rows(table) > GRAPH_PENDING_SHARE * table.count_rows():
-            table.optimize()
-            return asdict(ann), "extended"
         return asdict(ann), "kept"
+
+
+# --- checking: fastret verify ------------------------------------------------------------------
+
+VERIFY_BATCH = 65536  # rows read at a time: a store may not fit in memory
+UNIT_TOLERANCE = 1e-3  # |norm - 1| a stored vector may have
+
+
+@dataclass
+class StoreCheck:
+    """What `verify_store` found: problems (one line each, with what to do) and what it checked."""
+
+    problems: list[str] = field(default_factory=list)
+    checked: list[str] = field(default_factory=list)
+
+
+def verify_store(index_dir: str | Path) -> StoreCheck:
+    """Check a LanceDB store as far as it can be checked: the manifest, the table's schema and every
+    row (ids unique and below the next id, paths unique, vectors of the model's dim, finite and of
+    unit length; reading them all makes Lance read every data file), and the ANN index the
+    manifest records (or a table that has outgrown MIN_ANN_ROWS without one)."""
+    index_dir = Path(index_dir)
+    check = StoreCheck()
+    try:
+        manifest = read_manifest(index_dir)
+        table = _connect_table(index_dir, manifest)
+    except BadIndex as exc:
+        check.problems.append(str(exc))
+        return check
+    uri, dim, next_id = manifest["uri"], int(manifest["model"]["dim"]), int(manifest["next_id"])
+    check.checked.append(f"manifest {LANCE_MANIFEST} ({manifest['model']['model_id']}, dim {dim}, next id {next_id})")
+    check.checked.append(f"table {uri} opens ({table_version_name(index_dir, uri, table.version)})")
+    wrong = _schema_problems(table.schema, dim)
+    if wrong:
+        check.problems.extend(f"{uri}: {problem}; {REBUILD}" for problem in wrong)
+        return check
+    check.checked.append("schema")
+    try:
+        rows = _check_rows(table, dim, next_id, uri, check.problems)
+        check.checked.append(f"{rows} rows: unique ids below the next id, unique paths, finite unit vectors of dim {dim}")
+        _check_ann(index_dir, manifest, table, rows, check)
+    except Exception as exc:  # Lance raises its own kinds for an unreadable data or index file
+        check.problems.append(f"{uri}: cannot read the table ({type(exc).__name__}: {exc}); {REBUILD}")
+    return check
+
+
+def _schema_problems(schema, dim: int) -> list[str]:
+    import pyarrow as pa
+
+    wanted = {"id": pa.int64(), "path": pa.string(), "label": pa.string(), "size": pa.int64(),
+              "mtime_ns": pa.int64(), "sha256": pa.binary(32)}
+    problems = [f"no `{name}` column" for name in [*wanted, "vector"] if name not in schema.names]
+    problems += [f"column `{name}` is {schema.field(name).type}, not {kind}"
+                 for name, kind in wanted.items() if name in schema.names and schema.field(name).type != kind]
+    vector = schema.field("vector").type if "vector" in schema.names else None
+    if vector is not None and not (pa.types.is_fixed_size_list(vector) and vector.value_type == pa.float32()
+                                   and vector.list_size == dim):
+        problems.append(f"column `vector` is {vector}, not {dim} float32 values a row (the manifest's model)")
+    return problems
+
+
+def _check_rows(table, dim: int, next_id: int, uri: str, problems: list[str]) -> int:
+    """Read every row's id, path and vector a batch at a time; appends what is wrong; returns the rows read."""
+    ids, paths, bad_vectors, first_bad = [], set(), 0, None
+    repeated_paths: list[str] = []
+    reader = table.search().select(["id", "path", "vector"]).limit(None).to_batches(VERIFY_BATCH)
+    for batch in reader:
+        batch_ids = batch.column("id").to_numpy()
+        ids.append(batch_ids)
+        for path in batch.column("path").to_pylist():
+            if path in paths:
+                repeated_paths.append(path)
+            paths.add(path)
+        vectors = batch.column("vector").flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
+        norms = np.linalg.norm(vectors, axis=1)
+        bad = ~np.isfinite(vectors).all(axis=1) | (np.abs(norms - 1) > UNIT_TOLERANCE)
+        if bad.any():
+            bad_vectors += int(bad.sum())
+            first_bad = first_bad if first_bad is not None else int(batch_ids[np.argmax(bad)])
+    ids = np.concatenate(ids) if ids else np.empty(0, np.int64)
+    counted = table.count_rows()
+    if counted != len(ids):
+        problems.append(f"{uri}: {len(ids)} rows read, the table counts {counted}; {REBUILD}")
+    if len(np.unique(ids)) != len(ids):
+        problems.append(f"{uri}: {len(ids) - len(np.unique(ids))} repeated ids; {REBUILD}")
+    if len(ids) and (ids.min() < 0 or ids.max() >= next_id):
+        problems.append(f"{uri}: ids from {ids.min()} to {ids.max()}, the manifest's next id is {next_id} "
+                        f"(new items would reuse ids); {REBUILD}")
+    if repeated_paths:
+        problems.append(f"{uri}: {len(repeated_paths)} paths held twice (first {repeated_paths[0]!r}); {REBUILD}")
+    if bad_vectors:
+        problems.append(f"{uri}: {bad_vectors} vectors not finite or not of unit length (first: id {first_bad}); {REBUILD}")
+    return len(ids)
+
+
+def _check_ann(index_dir: Path, manifest: dict, table, rows: int, check: StoreCheck) -> None:
+    """The ANN index the manifest records is the table's (kind, cosine); a table large enough has one."""
+    uri, recorded = manifest["uri"], manifest.get("ann")
+    compact = f"`fastret compact {index_dir}` sets it right"
+    stats = table.index_stats(VECTOR_INDEX)
+    if recorded is None:
+        if rows >= MIN_ANN_ROWS:
+            check.problems.append(f"{uri}: no ANN index over {rows} rows (searches scan every vector); {compact}")
+        else:
+            check.checked.append(f"no ANN index (under {MIN_ANN_ROWS} rows: searches scan)")
+        return
+    kind = recorded["kind"]
+    if stats is None:
+        check.problems.append(f"{uri}: the manifest records an {kind} index, the table has none; {compact}")
+    elif stats.index_type != kind or (stats.distance_type or "cosine").lower() != "cosine":
+        check.problems.append(f"{uri}: the table's ANN index is {stats.index_type} ({stats.distance_type}), "
+                              f"the manifest records {kind} (cosine); {REBUILD}")
+    else:
+        pending = f", {stats.num_unindexed_rows} newer rows scanned until it takes them in" if stats.num_unindexed_rows else ""
+        check.checked.append(f"{kind} index (cosine) over {stats.num_indexed_rows} rows{pending}")

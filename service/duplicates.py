@@ -3,8 +3,8 @@
 The job reads the index's stored embeddings and asks the search service for each item's
 neighbours (never re-embedding); the candidates it proposes are verified in pixels
 (fastret.engine.duplicates) on the thumbnails the index kept of them, or, for files changed since
-(and indexes made before thumbnails were kept), on thumbnails decoded now. A folder is indexed in
-memory first.
+(and indexes made before thumbnails were kept, and LanceDB stores, which keep none), on thumbnails
+decoded now. A folder is indexed in memory first.
 """
 
 from __future__ import annotations
@@ -35,12 +35,13 @@ from fastret.engine.duplicates import (
     stored_features,
 )
 from fastret.engine.encoders import default_threads
-from fastret.engine.index import CURRENT, Index
+from fastret.engine.index import Index
 from fastret.engine.rerank import RerankOptions
 from fastret.engine.retrieval import build_index, display_path
 from fastret.engine.thumbnails import Thumbnail
 from fastret.service.load import open_encoder
 from fastret.service.search import Retriever, SearchOptions
+from fastret.service.stores import holds_index, open_index
 
 KEEP_RULE = "largest resolution, then largest file, then oldest"
 Log = Callable[[str], None]
@@ -137,10 +138,11 @@ def open_for_duplicates(
     on_skip: Callable[[Skipped], None] | None = None,
     log: Log = lambda _: None,
 ) -> Retriever:
-    """An index directory as it is (no encoder: nothing is embedded), or a folder indexed in memory."""
+    """An index directory as it is (no encoder: nothing is embedded; an hnswlib index or a LanceDB
+    store, which keeps no thumbnails: the images it proposes are decoded), or a folder indexed in memory."""
     path = Path(path).expanduser()
-    if (path / CURRENT).exists():
-        return Retriever(Index.load(path))
+    if holds_index(path):
+        return Retriever(open_index(path))
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: neither a fastret index nor a folder")
     encoder = open_encoder(model, backend, threads=threads, image_dir=path, precision=precision,

@@ -86,7 +86,7 @@ def evaluate_folders(
             raise ValueError(f"{queries_dir}: no query image could be embedded")
 
     full_search = None
-    if options.rerank.active:  # the mAP ranks the whole database in the re-ranked space too
+    if options.rerank.active and retriever.can_rerank:  # the mAP ranks the whole database in the re-ranked space too
         started = time.perf_counter()
         if index.rerank_state() is None:  # built here: fitted as `fastret index` would
             index.reranking = fit_rerank(index.embeddings, index.ids, options.rerank, index.hnsw_params)

@@ -1,20 +1,24 @@
 """A search service that follows its index: new versions are loaded in the background and swapped in.
 
-`fastret serve` holds a LiveRetriever. A thread polls the index's CURRENT pointer; when it names a
-new version, that version is loaded (Index.load, while requests go on being answered by the old
-one), given the same encoder, and swapped in with one assignment. A request takes `current()`
-once and uses that Retriever throughout, so it finishes on the version it started with, whose
-files stay readable (memory-mapped, or read into memory) after a writer removes their names. Each
-Retriever prepares its own re-ranking state, so a swapped-in version never uses stale state.
+`fastret serve` holds a LiveRetriever. A thread polls the version a reader would open now (an
+hnswlib index's CURRENT pointer, a LanceDB store's table version); when it is not the one served,
+it is opened (while requests go on being answered by the old one), given the same encoder, and
+swapped in with one assignment. A request takes `current()` once and uses that Retriever
+throughout, so it finishes on the version it started with: an hnswlib version's files stay
+readable (memory-mapped, or read into memory) after a writer removes their names, and a LanceDB
+store is read at the table version it was opened at. Each Retriever prepares its own re-ranking
+state, so a swapped-in version never uses stale state.
 """
 
 from __future__ import annotations
 
 import threading
 from pathlib import Path
-from fastret.engine.index import BadIndex, Index, live_version_name
+
+from fastret.engine.index import BadIndex
 from fastret.engine.log import Log, no_log
 from fastret.service.search import Retriever
+from fastret.service.stores import live_version_name, open_index, version_name
 
 DEFAULT_POLL_S = 1.0
 
@@ -47,21 +51,22 @@ class LiveRetriever:
         with self._reload_lock:
             served = self._current
             name = live_version_name(self.index_dir)
-            if name is None or name == getattr(served.index.version_dir, "name", None) or name == self._refused:
+            if name is None or name == version_name(served.index) or name == self._refused:
                 return False
             try:
-                index = Index.load(self.index_dir)
+                index = open_index(self.index_dir)
                 fresh = served.with_index(index)  # check_model: the encoders must fit the new version
+                count = len(index)  # a LanceDB store reads its items here, not in a request
             except BadIndex as exc:
                 self._refused = name
-                self._log(f"not serving index version {name}: {exc}; still serving {served.index.version_dir.name}")
+                self._log(f"not serving index version {name}: {exc}; still serving {version_name(served.index)}")
                 return False
             if index.encoder != served.index.encoder:
-                self._log(f"index version {index.version_dir.name} was embedded by another encoder recipe; queries go on "
+                self._log(f"index version {version_name(index)} was embedded by another encoder recipe; queries go on "
                           f"running on {served.runtime} (restart fastret serve to use the new one)")
             self._current = fresh
             self._refused = None
-            self._log(f"serving index version {index.version_dir.name}: {len(index)} images")
+            self._log(f"serving index version {version_name(index)}: {count} images")
             return True
 
     def start(self) -> "LiveRetriever":

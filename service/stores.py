@@ -9,11 +9,13 @@ when a LanceDB store is opened or written.
 
 from __future__ import annotations
 
-from pathlib import Path
+from dataclasses import dataclass
+from pathlib import Path, PurePath
 from typing import Callable
 
 from fastret.engine import index as hnswlib_store
-from fastret.engine.index import CURRENT, LANCE_MANIFEST, BadIndex, Index, IndexState, index_writer_lock
+from fastret.engine import lance_store
+from fastret.engine.index import CURRENT, LANCE_MANIFEST, BadIndex, Index, IndexState, index_writer_lock, verify_index
 from fastret.engine.lance_store import (
     AnnParams,
     LanceIndex,
@@ -22,11 +24,13 @@ from fastret.engine.lance_store import (
     is_lance_index,
     lancedb_missing,
     new_manifest,
+    verify_store,
     write_manifest,
     write_table,
 )
 from fastret.engine.lance_store import next_free_id as lance_next_free_id
 from fastret.engine.lance_store import read_manifest as read_lance_manifest
+
 
 def holds_lance_store(index_dir: str | Path) -> bool:
     """Whether INDEX points at a LanceDB table (refusing a folder that holds both stores)."""
@@ -57,6 +61,52 @@ def read_state(index_dir: str | Path) -> IndexState | LanceState:
     return LanceState.read(index_dir) if holds_lance_store(index_dir) else IndexState.read(index_dir)
 
 
+def store_name(index: Index | LanceIndex) -> str:
+    """The store an opened index reads: "hnswlib" or "lancedb"."""
+    return "lancedb" if isinstance(index, LanceIndex) else "hnswlib"
+
+
+def version_name(index: Index | LanceIndex) -> str | None:
+    """The version an opened index holds: its version folder's name, or the LanceDB table version."""
+    if isinstance(index, LanceIndex):
+        return index.version_name
+    return index.version_dir.name if index.version_dir is not None else None
+
+
+def live_version_name(index_dir: str | Path) -> str | None:
+    """The version a reader opening INDEX now gets, named as `version_name` names it; None when there
+    is none or it cannot be read now (a cheap poll for a server that follows the index)."""
+    try:
+        lance = holds_lance_store(index_dir)
+    except BadIndex:
+        return None
+    return lance_store.live_version_name(index_dir) if lance else hnswlib_store.live_version_name(index_dir)
+
+
+@dataclass(frozen=True)
+class Verification:
+    """What `fastret verify` found in INDEX: problems (one line each) and, when there are none, what
+    was checked; `advice` says what to do about the problems."""
+
+    problems: list[str]
+    checked: list[str]
+    advice: str
+
+
+def verify(index_dir: str | Path) -> Verification:
+    """Check the index in INDEX, whichever store holds it: an hnswlib index's files against their
+    checksums, a LanceDB store's manifest, table, rows and ANN index (lance_store.verify_store)."""
+    if holds_lance_store(index_dir):
+        found = verify_store(index_dir)
+        return Verification(found.problems, found.checked, "each line says what to do")
+    rebuild = f"rebuild it with `fastret index DIR --out {index_dir}`"
+    problems = verify_index(index_dir)
+    if problems:
+        return Verification(problems, [], rebuild)
+    index = Index.load(index_dir)
+    return Verification([], [f"{len(index)} items, every checksum matches ({index.version_dir.name})"], rebuild)
+
+
 def next_free_id(index_dir: str | Path) -> int:
     """The first id a full rebuild into this directory gives (ids stay unique across rebuilds)."""
     return lance_next_free_id(index_dir) if is_lance_index(index_dir) else hnswlib_store.next_free_id(index_dir)
@@ -70,20 +120,22 @@ def save_lance(
     ann: AnnParams = AnnParams(),
     wait: bool = True,
     on_wait: Callable[[str], None] | None = None,
-) -> Path:
+) -> PurePath:
     """Write an index's items, source records and embeddings (with its stable ids) to a LanceDB table,
-    replacing it, build its ANN index, then point INDEX at it; returns INDEX/lancedb.json. `uri`: a
-    folder or an object-storage URI (default: the one INDEX already names, else INDEX/lance)."""
+    replacing it, build its ANN index, then point INDEX at it; returns the table version written
+    (lancedb-vN). `uri`: a folder or an object-storage URI (default: the one INDEX already names,
+    else INDEX/lance)."""
     index_dir = Path(index_dir)
     with index_writer_lock(index_dir, wait=wait, on_wait=on_wait):
         if (index_dir / CURRENT).exists():
             raise BadIndex(f"{index_dir} holds an hnswlib index; choose another --out for the LanceDB store")
         if uri is None:
             uri = _recorded_uri(index_dir) or default_uri(index_dir)
-        ann_record = write_table(uri, index.ids, index.items, index.embeddings, index.sources, ann)
+        ann_record, version = write_table(uri, index.ids, index.items, index.embeddings, index.sources, ann)
         manifest = new_manifest(uri, model=index.model, root=index.root, encoder=index.encoder, build=index.build,
                                 next_id=index.next_id, ann=ann_record, created=index.created)
-        return write_manifest(index_dir, manifest)
+        write_manifest(index_dir, manifest)
+        return version
 
 
 def _recorded_uri(index_dir: Path) -> str | None:

@@ -249,6 +249,8 @@ def test_lance_store_round_trip_keeps_ids_stable(lance, gallery, wang1k, tmp_pat
     out = tmp_path / "index"
     assert main(["index", str(gallery), *FP32, "--store", "lancedb", "--out", str(out), "-q"]) == 0
     assert not (out / CURRENT).exists() and (out / "lancedb.json").is_file()
+    summary = capsys.readouterr().err.splitlines()[-1]
+    assert summary.endswith(f"-> {out} (lancedb-v1)") and "HNSW" not in summary  # no graph built, no manifest file named
     first = open_index(out)
     assert list(first.ids) == list(range(12)) and first.next_id == 12
     ids = dict(zip((item.path for item in first.items), first.ids.tolist()))

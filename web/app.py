@@ -32,6 +32,7 @@ from fastret.engine.retrieval import SCORES, Hit, display_path
 from fastret.service.live import LiveRetriever
 from fastret.service.load import BackendUnavailable
 from fastret.service.search import MAX_K, Retriever, SearchOptions, combine_views, query_views, rerank_request
+from fastret.service.stores import store_name, version_name
 from fastret.web import DEFAULT_MAX_DECODES, DEFAULT_MAX_UPLOAD_BYTES
 from fastret.web.batcher import DEFAULT_MAX_BATCH, MicroBatcher
 from fastret.web.duplicates import duplicates_router
@@ -111,7 +112,8 @@ class HealthOut(BaseModel):
     backend: str
     count: int
     index_format_version: int
-    index_version: str | None = None  # the version directory served (it changes when the index is updated)
+    index_version: str | None = None  # the version served (it changes when the index is updated)
+    store: str = "hnswlib"  # where the items live: "hnswlib" (the index folder) or "lancedb" (a LanceDB table)
     text_queries: bool = False  # POST /search/text works (a CLIP model with its text tower)
     text_unavailable: str | None = None  # why it does not, in one line
     rerank: dict | None = None  # what the default search's re-ranking runs (steps, source, ef, notes)
@@ -373,7 +375,8 @@ def create_app(
             backend=encoder.backend,
             count=len(index),
             index_format_version=FORMAT_VERSION,
-            index_version=index.version_dir.name if index.version_dir is not None else None,
+            index_version=version_name(index),
+            store=store_name(index),
             text_queries=text_unavailable is None,
             text_unavailable=text_unavailable,
             rerank=default["rerank"],

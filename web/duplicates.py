@@ -1,7 +1,7 @@
 """GET /duplicates: the duplicate groups of the served index, as `fastret duplicates --json` gives them.
 
-The index does not change while it is served, so each setting's report is computed once (in the
-threadpool, one computation at a time) and kept.
+Each setting's report is computed once per served version (in the threadpool, one computation at
+a time) and kept until `fastret serve` swaps in another version.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel
 
 from fastret.service.duplicates import DuplicateReport, find_duplicates, parse_threshold
+from fastret.service.live import LiveRetriever
 from fastret.service.search import Retriever
 
 
@@ -52,16 +53,21 @@ class DuplicatesOut(BaseModel):
     seconds: dict[str, float]
 
 
-def duplicates_router(retriever: Retriever) -> APIRouter:
+def duplicates_router(retriever: Retriever | LiveRetriever) -> APIRouter:
     router = APIRouter()
     reports: dict[tuple[float, bool], DuplicateReport] = {}
+    reported: list[Retriever] = []  # the served Retriever the reports are of
     computing = threading.Lock()
 
     def report_for(threshold: float, mirrored: bool) -> DuplicateReport:
+        live = retriever.current()  # a LiveRetriever swaps in new versions
         with computing:
+            if reported != [live]:
+                reports.clear()
+                reported[:] = [live]
             key = (threshold, mirrored)
             if key not in reports:
-                reports[key] = find_duplicates(retriever, threshold=threshold, mirrored=mirrored)
+                reports[key] = find_duplicates(live, threshold=threshold, mirrored=mirrored)
             return reports[key]
 
     @router.get("/duplicates", response_model=DuplicatesOut,
