@@ -1060,12 +1060,12 @@ class _UpdatePlan:
                 parts.append(part)
                 continue
             name = _name("rerank", self._number())
-            _write_rerank_part(staging, name, state, np.searchsorted(state.ids, plan.ids))
+            _write_rerank_part(staging, name, state, np.searchsorted(state.ids, plan.ids), entry["bound"])
             parts.append({"name": name, "rows": len(plan.ids)})
         pca = entry["pca"]
         self._link_rerank(staging, known, [*_rerank_part_files(first["name"]).values(), entry["graph"]["file"],
                                            *(pca.values() if pca else ())])
-        return _rerank_entry(state, base.hnsw_params, parts, entry["graph"], pca)
+        return _rerank_entry(state, base.hnsw_params, parts, entry["bound"], entry["graph"], pca)
 
     def _link_rerank(self, staging: Path, known: dict[str, dict], names) -> None:
         for name in names:
@@ -1437,6 +1437,7 @@ def _stored_rerank(manifest: dict) -> dict | None:
     files = entry["files"]
     try:
         return {**entry, "parts": [{"name": files["ids"].removesuffix(".ids.npy"), "rows": entry["count"]}],
+                "bound": manifest["next_id"],
                 "graph": {"file": files["graph"], "slots": entry["slots"], "marked": entry["slots"] - entry["count"]},
                 "pca": {"mean": files["mean"], "projection": files["projection"]} if "mean" in files else None}
     except (KeyError, TypeError, AttributeError):
@@ -1450,18 +1451,25 @@ def _rerank_files(entry: dict) -> list[str]:
     return [*parts, entry["graph"]["file"], *(pca.values() if pca else ())]
 
 
-def _write_rerank_part(staging: Path, name: str, state: RerankState, rows: np.ndarray | None = None) -> None:
-    """A part of a state: its `rows` (None: all) of each array."""
+def _write_rerank_part(staging: Path, name: str, state: RerankState, rows: np.ndarray | None = None,
+                       bound: int = 0) -> None:
+    """A part of a state: its `rows` (None: all) of each array, the projected rows only of the ids
+    from `bound` on (an edit changes the DBA'd rows of older items, never their projection: the
+    first part, which holds every id below `bound`, keeps it)."""
     for array, file in _rerank_part_files(name).items():
         values = getattr(state, array)
-        np.save(staging / file, np.asarray(values if rows is None else values[rows]))
+        if rows is not None:
+            values = values[rows[state.ids[rows] >= bound]] if array == "base" else values[rows]
+        np.save(staging / file, np.asarray(values))
 
 
-def _rerank_entry(state: RerankState, params: HnswParams, parts: list[dict], graph: dict, pca: dict | None) -> dict:
+def _rerank_entry(state: RerankState, params: HnswParams, parts: list[dict], bound: int, graph: dict,
+                  pca: dict | None) -> dict:
     return {
         "options": state.options.to_dict(), "ran": state.ran.to_dict(), "notes": list(state.notes),
         "dim": int(state.base.shape[1]), "count": len(state), "ef": state.ef, "recall": state.recall,
-        "fitted": state.fitted, "added": state.added, "hnsw": asdict(params), "parts": parts, "graph": graph, "pca": pca,
+        "fitted": state.fitted, "added": state.added, "hnsw": asdict(params), "parts": parts, "bound": bound,
+        "graph": graph, "pca": pca,
     }
 
 
@@ -1482,8 +1490,8 @@ def write_rerank(staging: Path, state: RerankState | None, number: int, params: 
     graph = f"{name}.graph.bin"
     state.graph.save_index(str(staging / graph))
     slots = int(state.graph.get_current_count())
-    parts = [{"name": name, "rows": len(state)}]
-    return _rerank_entry(state, params, parts, {"file": graph, "slots": slots, "marked": slots - len(state)}, pca)
+    parts, bound = [{"name": name, "rows": len(state)}], int(state.ids[-1]) + 1 if len(state) else 0
+    return _rerank_entry(state, params, parts, bound, {"file": graph, "slots": slots, "marked": slots - len(state)}, pca)
 
 
 def _rerank_options(version: Path, entry: dict | None) -> RerankOptions | None:
@@ -1504,10 +1512,11 @@ def read_rerank(version: Path, entry: dict, ids: np.ndarray, *, with_graph: bool
     """
     where = version / MANIFEST
     try:
-        dim, count, parts, graph = entry["dim"], entry["count"], entry["parts"], entry["graph"]
+        dim, count, parts, bound, graph = entry["dim"], entry["count"], entry["parts"], entry["bound"], entry["graph"]
         options, ran = RerankOptions(**entry["options"]), RerankOptions(**entry["ran"])
         numbers = (entry["ef"], entry["fitted"], entry["added"])
         recall, notes = float(entry["recall"]), tuple(map(str, entry["notes"]))
+        HnswParams(**entry["hnsw"])  # the graph's, read by _rerank_graph
         sizes = [part["rows"] for part in parts] + [graph["slots"], graph["marked"]]
         arrays = [{array: np.load(version / file, mmap_mode="r", allow_pickle=False)
                    for array, file in _rerank_part_files(part["name"]).items()} for part in parts]
@@ -1518,16 +1527,16 @@ def read_rerank(version: Path, entry: dict, ids: np.ndarray, *, with_graph: bool
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise BadIndex(f"{where}: damaged index, bad re-ranking state ({type(exc).__name__}: {exc}); {REINDEX}") from None
     wrong = []
-    if not parts or not all(_is_count(number) for number in (*numbers, *sizes, dim, count)):
+    if not parts or not all(_is_count(number) for number in (*numbers, *sizes, dim, count, bound)):
         wrong.append("its counts are not counts")
     else:
-        wrong += _rerank_part_problems(parts, arrays, dim, ran.dba_n + 1 if ran.dba_n else 0)
+        wrong += _rerank_part_problems(parts, arrays, dim, ran.dba_n + 1 if ran.dba_n else 0, bound)
         if graph["slots"] - graph["marked"] != parts[0]["rows"]:
             wrong.append(f"its graph holds {graph['slots'] - graph['marked']} items, its first part {parts[0]['rows']}")
     if whitening is not None and (whitening.mean.shape != (len(whitening.projection),) or whitening.projection.shape[1] != dim):
         wrong.append(f"the PCA's shapes {whitening.mean.shape} {whitening.projection.shape} do not project to {dim}")
     if not wrong:
-        merged, pending = _merge_rerank_parts(arrays, ids)
+        merged, pending = _merge_rerank_parts(arrays, ids, bound)
         if count != len(ids) or merged is None:
             wrong.append("its items are not the version's live items")
     if wrong:
@@ -1539,12 +1548,15 @@ def read_rerank(version: Path, entry: dict, ids: np.ndarray, *, with_graph: bool
     return state
 
 
-def _rerank_part_problems(parts: list[dict], arrays: list[dict[str, np.ndarray]], dim: int, width: int) -> list[str]:
-    """One line per array of a part that has not the shape and type its entry says."""
+def _rerank_part_problems(parts: list[dict], arrays: list[dict[str, np.ndarray]], dim: int, width: int,
+                          bound: int) -> list[str]:
+    """One line per array of a part that has not the shape and type its entry says (the first part
+    holds every projected row, later ones those of their ids from `bound` on)."""
     wrong = []
-    for part, found in zip(parts, arrays):
+    for number, (part, found) in enumerate(zip(parts, arrays)):
         rows, files = part["rows"], _rerank_part_files(part["name"])
-        expected = {"ids": ((rows,), np.int64), "base": ((rows, dim), np.float32), "vectors": ((rows, dim), np.float32),
+        projected = rows if number == 0 or found["ids"].shape != (rows,) else int((found["ids"] >= bound).sum())
+        expected = {"ids": ((rows,), np.int64), "base": ((projected, dim), np.float32), "vectors": ((rows, dim), np.float32),
                     "neighbours": ((rows, width), np.int64), "reach": ((rows,), np.float32)}
         wrong += [f"{files[name]} holds {found[name].dtype} {found[name].shape}, expected {kind.__name__} {shape}"
                   for name, (shape, kind) in expected.items() if found[name].shape != shape or found[name].dtype != kind]
@@ -1554,10 +1566,11 @@ def _rerank_part_problems(parts: list[dict], arrays: list[dict[str, np.ndarray]]
 
 
 def _merge_rerank_parts(
-    parts: list[dict[str, np.ndarray]], ids: np.ndarray
+    parts: list[dict[str, np.ndarray]], ids: np.ndarray, bound: int
 ) -> tuple[dict[str, np.ndarray] | None, np.ndarray]:
-    """The rows of the live `ids` (in id order), each from the last part that holds it, and the rows
-    that came from parts after the first (pending); None when a live id has no row."""
+    """The rows of the live `ids` (in id order), each from the last part that holds it (a projected
+    row of an id below `bound` from the first), and the rows that came from parts after the first
+    (pending); None when a live id has no row."""
     first = parts[0]
     if len(parts) == 1 and np.array_equal(first["ids"], ids):
         return {array: np.asarray(first[array]) for array in RERANK_ARRAYS}, np.empty(0, np.int64)
@@ -1566,16 +1579,21 @@ def _merge_rerank_parts(
     merged = {array: np.empty((len(ids), *first[array].shape[1:]), first[array].dtype) for array in RERANK_ARRAYS}
     for array in RERANK_ARRAYS:
         np.compress(kept, first[array], axis=0, out=merged[array][:head])
-    pending = np.zeros(len(ids), bool)
+    pending, projected = np.zeros(len(ids), bool), np.zeros(len(ids), bool)
+    projected[:head] = True
     for part in parts[1:]:
         live = np.isin(part["ids"], ids)
         rows = np.searchsorted(ids, part["ids"][live])
         for array in RERANK_ARRAYS:
-            merged[array][rows] = part[array][live]
+            if array != "base":
+                merged[array][rows] = part[array][live]
+        added = part["ids"] >= bound  # the ids the part has projected rows of
+        merged["base"][rows[added[live]]] = part["base"][live[added]]
         pending[rows] = True
+        projected[rows[added[live]]] = True
     filled = pending.copy()
     filled[:head] = True
-    if not filled.all() or not np.array_equal(merged["ids"], ids):
+    if not (filled & projected).all() or not np.array_equal(merged["ids"], ids):
         return None, np.empty(0, np.int64)
     for values in merged.values():
         values.flags.writeable = False
