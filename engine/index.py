@@ -13,8 +13,9 @@ Layout of an index directory::
     INDEX/v-<stamp>/deleted.npy             ids removed since their segment was written
     INDEX/v-<stamp>/graph-NNNNNN.bin        the HNSW graph; its labels are item ids
     INDEX/v-<stamp>/graph-deleted.npy       ids removed since the graph was written (marked on load)
-    INDEX/v-<stamp>/rerank-NNNNNN.*         the re-ranking state (engine/rerank.py): PCA, projected and
-                                            DBA'd vectors, neighbourhoods, and their HNSW graph
+    INDEX/v-<stamp>/rerank-NNNNNN.*         the re-ranking state (engine/rerank.py) in parts: projected and
+                                            DBA'd vectors and neighbourhoods of items; the first part's
+                                            files also hold the PCA and the HNSW graph of its vectors
 
 Segment and graph files never change once written. A new version hard-links the ones it keeps
 (copies them where the file system has no hard links) and writes only what changed: an edit of a
@@ -25,9 +26,14 @@ stored, skipped through the deletion lists, until they pass COMPACT_DEAD_SHARE, 
 is compacted (one segment, a fresh graph). Small trailing segments are merged as they accumulate.
 
 The re-ranking state is derived data, written by writers only: every version's holds its live
-items. An edit updates it with the stored PCA (`update_state`) and rewrites its files (they grow
-with the index, unlike segments); a full build, a compaction, or an edit that brings the items
-added since the fit past REFIT_SHARE of those fitted on fits it anew. Readers load it on first use.
+items. It follows the same pattern: a full write makes one part and its graph; an edit updates the
+state with the stored PCA (`update_state`) and writes only the rows it changed (new items, and old
+ones whose DBA neighbourhood changed) as a new part, linking the rest. A reader takes each item's
+row from the last part that holds it, marks the graph's nodes of removed and changed items
+deleted, and searches the changed rows exactly; when they pass max(GRAPH_PENDING_SHARE of the
+items, RERANK_PENDING_FLOOR) the edit takes them into the graph and writes the state whole. A full
+build, a compaction, or an edit that brings the items added since the fit past REFIT_SHARE of those
+fitted on fits it anew. Readers load it on first use.
 
 Item ids are stable: an id is never given to another file within the index's life, the rows of
 `Index.embeddings` are the live items in id order, and `Index.ids[row]` is a row's id.
@@ -74,6 +80,7 @@ from fastret.engine.rerank import (
     RerankState,
     fit_state,
     fitted_options,
+    take_in,
     update_state,
 )
 from fastret.engine.thumbnails import Thumbnails
@@ -301,7 +308,7 @@ class Index:
         damaged); None for an index that holds none (built in memory, or by an older fastret)."""
         with self._rerank_lock:
             if self.reranking is None and self._rerank_entry is not None and self.version_dir is not None:
-                self.reranking = read_rerank(self.version_dir, self._rerank_entry, self.ids, self.hnsw_params)
+                self.reranking = read_rerank(self.version_dir, self._rerank_entry, self.ids)
             return self.reranking
 
     # --- persistence --------------------------------------------------------------------------
@@ -336,7 +343,9 @@ class Index:
         layout = Layout((segment,), _no_ids(), graph_file, _no_ids(), self.next_id, 1)
         _write_deletions(staging, layout)
         state = self.rerank_state() if self.rerank_options is not None else None
-        if self.rerank_options is not None and (state is None or not np.array_equal(state.ids, self.ids)):
+        if self.rerank_options is not None and (
+            state is None or not np.array_equal(state.ids, self.ids) or len(state.pending)
+        ):
             state = self.reranking = fit_rerank(self.embeddings, self.ids, self.rerank_options, self.hnsw_params)
         return self._manifest(layout, write_rerank(staging, state, 0, self.hnsw_params)), {}
 
@@ -540,8 +549,8 @@ def _layout_files(path: Path, manifest: dict) -> list[str]:
         names = [
             name for entry in manifest["segments"] for name in (entry["embeddings_file"], entry["items_file"], entry["files_file"])
         ]
-        rerank = manifest.get("rerank")
-        return [*names, manifest["graph"]["file"], DELETED, GRAPH_DELETED, *(rerank["files"].values() if rerank else ())]
+        rerank = _stored_rerank(manifest)
+        return [*names, manifest["graph"]["file"], DELETED, GRAPH_DELETED, *(_rerank_files(rerank) if rerank else ())]
     except (KeyError, TypeError, AttributeError) as exc:
         raise BadIndex(f"{path}: damaged index, bad layout ({type(exc).__name__}: {exc}); {REINDEX}") from None
 
@@ -788,7 +797,7 @@ def _read_index(index_dir: Path, version: Path, manifest: dict) -> Index:
         build=manifest.get("build") or {},
         thumbnails=_live_thumbnails(version, manifest, state),
         rerank_options=_rerank_options(version, manifest.get("rerank")),
-        _rerank_entry=manifest.get("rerank"),
+        _rerank_entry=_stored_rerank(manifest),
     )
     index.hnsw = _graph_of(version, layout, index)
     return index
@@ -938,12 +947,24 @@ def _link(source: Path, target: Path) -> None:
 
 @dataclass
 class _Planned:
-    """A segment of the next version: a base segment kept (linked), or rows gathered and written."""
+    """A segment (or re-ranking part) of the next version: a base one kept (linked), or rows gathered
+    and written."""
 
-    origins: list[int]  # base segment numbers the rows come from; -1: the additions
+    origins: list[int]  # base segment (part) numbers the rows come from; -1: the additions (the edit's rows)
     ids: np.ndarray  # stored ids, in row order
     live: np.ndarray  # which stored rows are live
     keep: bool
+
+
+def _merge_trailing(planned: list[_Planned]) -> list[_Planned]:
+    """Merge the last part into the one before it while that one holds at most SEGMENT_MERGE_RATIO
+    times its live rows (the merged part holds the live ids of both, and is written)."""
+    planned = list(planned)
+    while len(planned) >= 2 and planned[-2].live.sum() <= SEGMENT_MERGE_RATIO * planned[-1].live.sum():
+        first, second = planned[-2], planned[-1]
+        ids = np.union1d(first.ids[first.live], second.ids[second.live])
+        planned[-2:] = [_Planned(first.origins + second.origins, ids, np.ones(len(ids), bool), False)]
+    return planned
 
 
 class _UpdatePlan:
@@ -977,7 +998,7 @@ class _UpdatePlan:
             deleted = self.deleted[np.isin(self.deleted, stored)]
             layout = Layout(segments, deleted, graph_file, graph_deleted, self.next_id, self.next_name)
         _write_deletions(staging, layout)
-        rerank = write_rerank(staging, self._rerank_state(), self._number(), base.hnsw_params)
+        rerank = self._rerank(staging, known)
         manifest = manifest_of(
             model=base.model, root=base.root, count=len(self.live_ids), hnsw_params=base.hnsw_params,
             created=base.manifest["created"], runtime=base.manifest.get("runtime"), encoder=base.encoder,
@@ -989,22 +1010,67 @@ class _UpdatePlan:
         self.bytes_written += len(json.dumps(manifest, indent=2))  # about the manifest's size, table aside
         return manifest, known
 
-    def _rerank_state(self) -> RerankState | None:
-        """The base's re-ranking state after this edit: updated with its PCA, or fitted anew (a
-        compaction, no state yet, too many items added since the fit, or steps the new count
-        allows or forbids)."""
-        base, entry = self.base, self.base.manifest.get("rerank")
+    def _rerank(self, staging: Path, known: dict[str, dict]) -> dict | None:
+        """Write the base's re-ranking state after this edit; its manifest entry.
+
+        Fitted anew and written whole on a compaction, with no state yet, when the items added
+        since the fit pass REFIT_SHARE of those fitted on, or when the new count allows or forbids
+        a step. Else updated with its PCA: the changed rows become a new part and the rest is
+        linked, until the rows outside the graph pass max(GRAPH_PENDING_SHARE of the items,
+        RERANK_PENDING_FLOOR): then the graph takes them in and the state is written whole.
+        """
+        base, entry = self.base, _stored_rerank(self.base.manifest)
         options = _rerank_options(base.version, entry) or RECOMMENDED_RERANK
         if not len(self.live_ids):
             return None
         refit = self.compacted or entry is None or (
             entry["added"] + len(self.added) > REFIT_SHARE * entry["fitted"]
         ) or RerankOptions(**entry["ran"]) != fitted_options(len(self.live_ids), options)[0]
-        if not refit:
-            state = read_rerank(base.version, entry, base.ids, base.hnsw_params, allow_replace_deleted=True)
-            return update_state(state, self.added.embeddings, self.added_ids, self.removed)
-        everything = list(range(len(base.layout.segments))) + [-1]
-        return fit_rerank(self._rows(everything, self.live_ids)[2], self.live_ids, options, base.hnsw_params)
+        if refit:
+            everything = list(range(len(base.layout.segments))) + [-1]
+            state = fit_rerank(self._rows(everything, self.live_ids)[2], self.live_ids, options, base.hnsw_params)
+            return write_rerank(staging, state, self._number(), base.hnsw_params)
+        state = read_rerank(base.version, entry, base.ids, with_graph=False)
+        state, changed = update_state(state, self.added.embeddings, self.added_ids, self.removed)
+        if len(state.pending) > max(GRAPH_PENDING_SHARE * len(state), RERANK_PENDING_FLOOR):
+            graph, moved = _rerank_graph(base.version, entry, state, allow_replace_deleted=True)
+            return write_rerank(staging, take_in(state, graph, moved), self._number(), base.hnsw_params)
+        return self._rerank_delta(staging, known, entry, state, changed)
+
+    def _rerank_delta(self, staging: Path, known: dict[str, dict], entry: dict, state: RerankState,
+                      changed: np.ndarray) -> dict:
+        """Link the base state's graph, PCA and parts, add a part of the `changed` ids' rows, merge
+        small trailing parts as segments merge, and drop parts whose rows all went stale."""
+        base, first = self.base, entry["parts"][0]
+        planned, later = [], np.asarray(changed, np.int64)
+        for number in reversed(range(1, len(entry["parts"]))):  # a row is stale once a later part holds its id
+            name = entry["parts"][number]["name"]
+            stored = np.load(base.version / _rerank_part_files(name)["ids"], allow_pickle=False)
+            current = np.isin(stored, state.ids) & ~np.isin(stored, later)
+            if current.any():
+                planned.insert(0, _Planned([number], stored, current, True))
+            later = np.union1d(later, stored)
+        if len(changed):
+            planned.append(_Planned([-1], np.asarray(changed, np.int64), np.ones(len(changed), bool), False))
+        parts = [first]
+        for plan in _merge_trailing(planned):
+            if plan.keep:
+                part = entry["parts"][plan.origins[0]]
+                self._link_rerank(staging, known, _rerank_part_files(part["name"]).values())
+                parts.append(part)
+                continue
+            name = _name("rerank", self._number())
+            _write_rerank_part(staging, name, state, np.searchsorted(state.ids, plan.ids), entry["bound"])
+            parts.append({"name": name, "rows": len(plan.ids)})
+        pca = entry["pca"]
+        self._link_rerank(staging, known, [*_rerank_part_files(first["name"]).values(), entry["graph"]["file"],
+                                           *(pca.values() if pca else ())])
+        return _rerank_entry(state, base.hnsw_params, parts, entry["bound"], entry["graph"], pca)
+
+    def _link_rerank(self, staging: Path, known: dict[str, dict], names) -> None:
+        for name in names:
+            _link(self.base.version / name, staging / name)
+            known[name] = self.base.manifest["files"][name]
 
     def _number(self) -> int:
         """The number of the next segment or graph file this version writes."""
@@ -1032,10 +1098,7 @@ class _UpdatePlan:
         ]
         if len(self.added):
             planned.append(_Planned([-1], self.added_ids, np.ones(len(self.added), bool), False))
-        while len(planned) >= 2 and planned[-2].live.sum() <= SEGMENT_MERGE_RATIO * planned[-1].live.sum():
-            first, second = planned[-2], planned[-1]
-            ids = np.concatenate([first.ids[first.live], second.ids[second.live]])
-            planned[-2:] = [_Planned(first.origins + second.origins, ids, np.ones(len(ids), bool), False)]
+        planned = _merge_trailing(planned)
         segments = []
         for plan in planned:
             if plan.keep:
@@ -1348,6 +1411,10 @@ def check_hnsw_header(path: Path, dim: int, count: int, params: HnswParams) -> N
 # --- the re-ranking state ----------------------------------------------------------------------
 
 RERANK_ARRAYS = ("ids", "base", "vectors", "neighbours", "reach")
+RERANK_PENDING_FLOOR = 1024
+"""Rows of the re-ranking state outside its graph that an edit may always leave there (searched
+exactly): the share alone would take them in at nearly every edit of a small index, since one
+image added or removed changes about 2 * dba_n + 1 rows, and scoring this many is one small product."""
 
 
 def fit_rerank(embeddings: np.ndarray, ids: np.ndarray, options: RerankOptions, params: HnswParams,
@@ -1357,26 +1424,74 @@ def fit_rerank(embeddings: np.ndarray, ids: np.ndarray, options: RerankOptions, 
                      whitening=whitening, target=target)
 
 
-def write_rerank(staging: Path, state: RerankState | None, number: int, params: HnswParams) -> dict | None:
-    """Write a re-ranking state's files into a version; its manifest entry (None: no state)."""
-    if state is None:
-        return None
-    name = _name("rerank", number)
-    files = {array: f"{name}.{array}.npy" for array in RERANK_ARRAYS}
-    for array, file in files.items():
-        np.save(staging / file, np.asarray(getattr(state, array)))
-    if state.whitening is not None:
-        files.update(mean=f"{name}.mean.npy", projection=f"{name}.projection.npy")
-        np.save(staging / files["mean"], state.whitening.mean)
-        np.save(staging / files["projection"], state.whitening.projection)
-    files["graph"] = f"{name}.graph.bin"
-    state.graph.save_index(str(staging / files["graph"]))
+def _rerank_part_files(name: str) -> dict[str, str]:
+    return {array: f"{name}.{array}.npy" for array in RERANK_ARRAYS}
+
+
+def _stored_rerank(manifest: dict) -> dict | None:
+    """A manifest's re-ranking entry; one written before states had parts (one table of files, its
+    graph holding every live item unmarked) reads as a state of one part."""
+    entry = manifest.get("rerank")
+    if not isinstance(entry, dict) or "parts" in entry or not isinstance(entry.get("files"), dict):
+        return entry
+    files = entry["files"]
+    try:
+        return {**entry, "parts": [{"name": files["ids"].removesuffix(".ids.npy"), "rows": entry["count"]}],
+                "bound": manifest["next_id"],
+                "graph": {"file": files["graph"], "slots": entry["slots"], "marked": entry["slots"] - entry["count"]},
+                "pca": {"mean": files["mean"], "projection": files["projection"]} if "mean" in files else None}
+    except (KeyError, TypeError, AttributeError):
+        return entry
+
+
+def _rerank_files(entry: dict) -> list[str]:
+    """Every file of a re-ranking state's manifest entry (KeyError / TypeError when it is not one)."""
+    pca = entry["pca"]
+    parts = [file for part in entry["parts"] for file in _rerank_part_files(part["name"]).values()]
+    return [*parts, entry["graph"]["file"], *(pca.values() if pca else ())]
+
+
+def _write_rerank_part(staging: Path, name: str, state: RerankState, rows: np.ndarray | None = None,
+                       bound: int = 0) -> None:
+    """A part of a state: its `rows` (None: all) of each array, the projected rows only of the ids
+    from `bound` on (an edit changes the DBA'd rows of older items, never their projection: the
+    first part, which holds every id below `bound`, keeps it)."""
+    for array, file in _rerank_part_files(name).items():
+        values = getattr(state, array)
+        if rows is not None:
+            values = values[rows[state.ids[rows] >= bound]] if array == "base" else values[rows]
+        np.save(staging / file, np.asarray(values))
+
+
+def _rerank_entry(state: RerankState, params: HnswParams, parts: list[dict], bound: int, graph: dict,
+                  pca: dict | None) -> dict:
     return {
         "options": state.options.to_dict(), "ran": state.ran.to_dict(), "notes": list(state.notes),
-        "dim": int(state.base.shape[1]), "count": len(state), "slots": int(state.graph.get_current_count()),
-        "ef": state.ef, "recall": state.recall, "fitted": state.fitted, "added": state.added,
-        "hnsw": asdict(params), "files": files,
+        "dim": int(state.base.shape[1]), "count": len(state), "ef": state.ef, "recall": state.recall,
+        "fitted": state.fitted, "added": state.added, "hnsw": asdict(params), "parts": parts, "bound": bound,
+        "graph": graph, "pca": pca,
     }
+
+
+def write_rerank(staging: Path, state: RerankState | None, number: int, params: HnswParams) -> dict | None:
+    """Write a re-ranking state whole into a version (one part, its graph and PCA); its manifest entry
+    (None: no state). A state with pending rows is written whole only after `take_in`."""
+    if state is None:
+        return None
+    if len(state.pending):
+        raise ValueError("the state has rows outside its graph: take them in before writing it whole")
+    name = _name("rerank", number)
+    _write_rerank_part(staging, name, state)
+    pca = None
+    if state.whitening is not None:
+        pca = {"mean": f"{name}.mean.npy", "projection": f"{name}.projection.npy"}
+        np.save(staging / pca["mean"], state.whitening.mean)
+        np.save(staging / pca["projection"], state.whitening.projection)
+    graph = f"{name}.graph.bin"
+    state.graph.save_index(str(staging / graph))
+    slots = int(state.graph.get_current_count())
+    parts, bound = [{"name": name, "rows": len(state)}], int(state.ids[-1]) + 1 if len(state) else 0
+    return _rerank_entry(state, params, parts, bound, {"file": graph, "slots": slots, "marked": slots - len(state)}, pca)
 
 
 def _rerank_options(version: Path, entry: dict | None) -> RerankOptions | None:
@@ -1388,39 +1503,119 @@ def _rerank_options(version: Path, entry: dict | None) -> RerankOptions | None:
         raise BadIndex(f"{version / MANIFEST}: damaged index, bad re-ranking options ({exc}); {REINDEX}") from None
 
 
-def read_rerank(version: Path, entry: dict, ids: np.ndarray, params: HnswParams, *,
-                allow_replace_deleted: bool = False) -> RerankState:
-    """A version's re-ranking state (vectors memory-mapped), refusing files that disagree with its entry."""
+def read_rerank(version: Path, entry: dict, ids: np.ndarray, *, with_graph: bool = True) -> RerankState:
+    """A version's re-ranking state for its live `ids`, refusing files that disagree with its entry.
+
+    One part that holds exactly the live items is memory-mapped; else each item's row comes from
+    the last part holding it (gathered into memory) and the rows of later parts are pending. The
+    graph (`with_graph`) comes with the nodes of removed and pending items marked deleted.
+    """
     where = version / MANIFEST
     try:
-        files, dim, count, slots = entry["files"], entry["dim"], entry["count"], entry["slots"]
+        dim, count, parts, bound, graph = entry["dim"], entry["count"], entry["parts"], entry["bound"], entry["graph"]
         options, ran = RerankOptions(**entry["options"]), RerankOptions(**entry["ran"])
         numbers = (entry["ef"], entry["fitted"], entry["added"])
-        recall, notes, graph_params = float(entry["recall"]), tuple(map(str, entry["notes"])), HnswParams(**entry["hnsw"])
-        arrays = {name: np.load(version / files[name], mmap_mode="r", allow_pickle=False) for name in RERANK_ARRAYS}
+        recall, notes = float(entry["recall"]), tuple(map(str, entry["notes"]))
+        HnswParams(**entry["hnsw"])  # the graph's, read by _rerank_graph
+        sizes = [part["rows"] for part in parts] + [graph["slots"], graph["marked"]]
+        arrays = [{array: np.load(version / file, mmap_mode="r", allow_pickle=False)
+                   for array, file in _rerank_part_files(part["name"]).items()} for part in parts]
         whitening = None
-        if "mean" in files:
-            whitening = PcaWhitening(np.load(version / files["mean"], allow_pickle=False),
-                                     np.load(version / files["projection"], allow_pickle=False))
-    except (KeyError, TypeError, ValueError) as exc:
+        if entry["pca"] is not None:
+            whitening = PcaWhitening(np.load(version / entry["pca"]["mean"], allow_pickle=False),
+                                     np.load(version / entry["pca"]["projection"], allow_pickle=False))
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise BadIndex(f"{where}: damaged index, bad re-ranking state ({type(exc).__name__}: {exc}); {REINDEX}") from None
-    width = ran.dba_n + 1 if ran.dba_n else 0
-    expected = {"ids": ((count,), np.int64), "base": ((count, dim), np.float32), "vectors": ((count, dim), np.float32),
-                "neighbours": ((count, width), np.int64), "reach": ((count,), np.float32)}
-    wrong = [f"{files[name]} holds {arrays[name].dtype} {arrays[name].shape}, expected {kind.__name__} {shape}"
-             for name, (shape, kind) in expected.items() if arrays[name].shape != shape or arrays[name].dtype != kind]
+    wrong = []
+    if not parts or not all(_is_count(number) for number in (*numbers, *sizes, dim, count, bound)):
+        wrong.append("its counts are not counts")
+    else:
+        wrong += _rerank_part_problems(parts, arrays, dim, ran.dba_n + 1 if ran.dba_n else 0, bound)
+        if graph["slots"] - graph["marked"] != parts[0]["rows"]:
+            wrong.append(f"its graph holds {graph['slots'] - graph['marked']} items, its first part {parts[0]['rows']}")
     if whitening is not None and (whitening.mean.shape != (len(whitening.projection),) or whitening.projection.shape[1] != dim):
         wrong.append(f"the PCA's shapes {whitening.mean.shape} {whitening.projection.shape} do not project to {dim}")
-    if not all(_is_count(number) for number in (*numbers, dim, count, slots)) or slots < count:
-        wrong.append("its counts are not counts")
-    if not wrong and not np.array_equal(arrays["ids"], ids):
-        wrong.append("its items are not the version's live items")
+    if not wrong:
+        merged, pending = _merge_rerank_parts(arrays, ids, bound)
+        if count != len(ids) or merged is None:
+            wrong.append("its items are not the version's live items")
     if wrong:
         raise BadIndex(f"{where}: damaged index, re-ranking state: {'; '.join(wrong)}; {REINDEX}")
-    graph = load_hnsw(version / files["graph"], dim, slots, graph_params, allow_replace_deleted=allow_replace_deleted)
-    return RerankState(options, ran, notes, whitening, np.asarray(arrays["ids"]), arrays["base"], arrays["vectors"],
-                       np.asarray(arrays["neighbours"]), np.asarray(arrays["reach"]), graph, numbers[0], recall,
-                       numbers[1], numbers[2])
+    state = RerankState(options, ran, notes, whitening, merged["ids"], merged["base"], merged["vectors"],
+                        merged["neighbours"], merged["reach"], None, numbers[0], recall, numbers[1], numbers[2], pending)
+    if with_graph:
+        state.graph = _rerank_graph(version, entry, state)[0]
+    return state
+
+
+def _rerank_part_problems(parts: list[dict], arrays: list[dict[str, np.ndarray]], dim: int, width: int,
+                          bound: int) -> list[str]:
+    """One line per array of a part that has not the shape and type its entry says (the first part
+    holds every projected row, later ones those of their ids from `bound` on)."""
+    wrong = []
+    for number, (part, found) in enumerate(zip(parts, arrays)):
+        rows, files = part["rows"], _rerank_part_files(part["name"])
+        projected = rows if number == 0 or found["ids"].shape != (rows,) else int((found["ids"] >= bound).sum())
+        expected = {"ids": ((rows,), np.int64), "base": ((projected, dim), np.float32), "vectors": ((rows, dim), np.float32),
+                    "neighbours": ((rows, width), np.int64), "reach": ((rows,), np.float32)}
+        wrong += [f"{files[name]} holds {found[name].dtype} {found[name].shape}, expected {kind.__name__} {shape}"
+                  for name, (shape, kind) in expected.items() if found[name].shape != shape or found[name].dtype != kind]
+        if found["ids"].shape == (rows,) and (np.diff(found["ids"]) <= 0).any():
+            wrong.append(f"{files['ids']} holds ids that are not increasing")
+    return wrong
+
+
+def _merge_rerank_parts(
+    parts: list[dict[str, np.ndarray]], ids: np.ndarray, bound: int
+) -> tuple[dict[str, np.ndarray] | None, np.ndarray]:
+    """The rows of the live `ids` (in id order), each from the last part that holds it (a projected
+    row of an id below `bound` from the first), and the rows that came from parts after the first
+    (pending); None when a live id has no row."""
+    first = parts[0]
+    if len(parts) == 1 and np.array_equal(first["ids"], ids):
+        return {array: np.asarray(first[array]) for array in RERANK_ARRAYS}, np.empty(0, np.int64)
+    kept = np.isin(first["ids"], ids)
+    head = int(kept.sum())  # ids added since the first part are higher: its live ids come first
+    merged = {array: np.empty((len(ids), *first[array].shape[1:]), first[array].dtype) for array in RERANK_ARRAYS}
+    for array in RERANK_ARRAYS:
+        np.compress(kept, first[array], axis=0, out=merged[array][:head])
+    pending, projected = np.zeros(len(ids), bool), np.zeros(len(ids), bool)
+    projected[:head] = True
+    for part in parts[1:]:
+        live = np.isin(part["ids"], ids)
+        rows = np.searchsorted(ids, part["ids"][live])
+        for array in RERANK_ARRAYS:
+            if array != "base":
+                merged[array][rows] = part[array][live]
+        added = part["ids"] >= bound  # the ids the part has projected rows of
+        merged["base"][rows[added[live]]] = part["base"][live[added]]
+        pending[rows] = True
+        projected[rows[added[live]]] = True
+    filled = pending.copy()
+    filled[:head] = True
+    if not (filled & projected).all() or not np.array_equal(merged["ids"], ids):
+        return None, np.empty(0, np.int64)
+    for values in merged.values():
+        values.flags.writeable = False
+    return merged, np.flatnonzero(pending)
+
+
+def _rerank_graph(version: Path, entry: dict, state: RerankState, *, allow_replace_deleted: bool = False):
+    """The stored graph of a re-ranking state (it holds the first part's ids unmarked) with the nodes
+    of items removed or pending in `state` marked deleted; and the pending ids it has nodes of."""
+    graph = entry["graph"]
+    path = version / graph["file"]
+    held = np.load(version / _rerank_part_files(entry["parts"][0]["name"])["ids"], allow_pickle=False)
+    pending = state.ids[state.pending]
+    moved = np.isin(held, pending)
+    loaded = load_hnsw(path, state.base.shape[1], graph["slots"], HnswParams(**entry["hnsw"]),
+                       allow_replace_deleted=allow_replace_deleted)
+    try:
+        for item_id in held[moved | ~np.isin(held, state.ids)]:
+            loaded.mark_deleted(int(item_id))
+    except RuntimeError as exc:
+        raise BadIndex(f"{path}: damaged index, cannot mark a removed item ({exc}); {REINDEX}") from None
+    return loaded, held[moved]
 
 
 # --- the directory ----------------------------------------------------------------------------

@@ -22,8 +22,11 @@ Two ways to hold the learned state:
 * `RerankState`: part of an index version, made by its writers (`fit_state` on a full build or a
   refit, `update_state` on an edit): the PCA, the projected and DBA'd vectors of the live items
   (in id order), each item's DBA neighbourhood and an HNSW graph over the DBA'd vectors (labels =
-  item ids) with the `ef` that measured `target` recall@10 on the items themselves. `graph_search`
-  runs the pipeline through that graph; `rerank_search` over `state.prepared()` runs it exactly.
+  item ids) with the `ef` that measured `target` recall@10 on the items themselves. Rows an edit
+  changed since the graph was written are `pending`: their old nodes are marked deleted and they
+  are searched exactly until `take_in` moves them into the graph. `graph_search` runs the
+  pipeline through the graph (and the pending rows); `rerank_search` over `state.prepared()` runs
+  it exactly.
 * `prepare_database`: the same space prepared in memory, for options an index does not hold
   (another PCA dimension, say), searched exactly.
 """
@@ -480,7 +483,10 @@ class RerankState:
     recall: float  # recall@10 measured at that ef
     fitted: int  # items the PCA was fitted on
     added: int = 0  # items added since
+    # rows outside the graph (changed since it was written; their old nodes marked deleted): searched exactly
+    pending: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
     _prepared: PreparedDatabase | None = field(default=None, repr=False)
+    _pending_vectors: np.ndarray | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -511,8 +517,14 @@ class RerankState:
             "pca_dim": self.ran.pca_dim, "pca_power": self.ran.pca_power, "dba_n": self.ran.dba_n,
             "dba_alpha": self.ran.dba_alpha, "dim": int(self.base.shape[1]), "ef": self.ef,
             "recall@10": round(self.recall, 4), "items": len(self), "fitted_on": self.fitted,
-            "added_since_fit": self.added, "notes": list(self.notes),
+            "added_since_fit": self.added, "searched_exactly": len(self.pending), "notes": list(self.notes),
         }
+
+    def pending_vectors(self) -> np.ndarray:
+        """The DBA'd vectors of the pending rows, gathered once."""
+        if self._pending_vectors is None:
+            self._pending_vectors = np.ascontiguousarray(self.vectors[self.pending])
+        return self._pending_vectors
 
 
 def fit_state(
@@ -601,14 +613,16 @@ def tune_ef(state: RerankState, queries: np.ndarray, target: float, k: int = 10)
     return ef, recall_at(ef)
 
 
-def update_state(state: RerankState, embeddings: np.ndarray, new_ids: np.ndarray, removed: np.ndarray) -> RerankState:
-    """The state after an edit, with the stored PCA: new items projected and augmented, removed
-    ones marked deleted in the graph, and every item whose DBA neighbourhood the edit changes (a
-    neighbour removed, or a new item nearer than its n-th) augmented again and updated in the graph.
+def update_state(state: RerankState, embeddings: np.ndarray, new_ids: np.ndarray,
+                 removed: np.ndarray) -> tuple[RerankState, np.ndarray]:
+    """The state after an edit, with the stored PCA, and the ids of the rows the edit changed: the
+    new items (projected and augmented) and every item whose DBA neighbourhood the edit changes (a
+    neighbour removed, or a new item nearer than its n-th), augmented again.
 
-    Neighbourhoods are found exactly, so the result equals `fit_state` of the live items with
-    the same whitening (to float rounding); the graph is edited in place (needs a graph loaded
-    with allow_replace_deleted).
+    Neighbourhoods are found exactly, so the rows equal `fit_state`'s of the live items with the
+    same whitening (to float rounding). The graph is not touched: the changed rows join the
+    pending ones (searched exactly), and the returned state holds no graph; the writer loads the
+    stored one marked for it, or takes the pending rows in (`take_in`).
     """
     new_ids = np.asarray(new_ids, dtype=np.int64)
     removed = np.asarray(removed, dtype=np.int64)
@@ -635,20 +649,37 @@ def update_state(state: RerankState, embeddings: np.ndarray, new_ids: np.ndarray
         vectors[changed] = _augment(base, changed, nearest, similarities, state.ran.dba_alpha)
         neighbours[changed] = np.hstack([ids[changed][:, None], np.where(nearest >= 0, ids[np.maximum(nearest, 0)], -1)])
         reach[changed] = similarities[:, -1]
-    graph = state.graph
-    for item_id in removed:
-        graph.mark_deleted(int(item_id))
-    updated = changed[changed < old]
-    if len(updated):
-        graph.add_items(vectors[updated], ids[updated])  # existing labels: hnswlib moves them
-    if len(new_ids):
-        slots = graph.get_current_count()  # marked-deleted slots included: new items reuse them
-        needed = slots + max(0, len(new_ids) - (slots - old))
+    still_pending = np.searchsorted(ids, np.intersect1d(state.ids[state.pending], ids[:old]))
+    pending = np.union1d(still_pending, changed).astype(np.int64)
+    updated = replace(state, ids=ids, base=base, vectors=vectors, neighbours=neighbours, reach=reach, graph=None,
+                      added=state.added + len(new_ids), pending=pending, _prepared=None, _pending_vectors=None)
+    return updated, ids[changed]
+
+
+def take_in(state: RerankState, graph, moved: np.ndarray) -> RerankState:
+    """The state with its pending rows taken into `graph` and nothing left pending.
+
+    `graph` is the stored graph loaded with allow_replace_deleted, its nodes of removed and pending
+    items marked deleted; `moved`: the pending ids it has a node of (their rows changed). Those
+    nodes are unmarked and moved to their new vectors (hnswlib updates an existing label in place);
+    new items take the slots of removed ones, and the graph grows by GRAPH_GROWTH when they run out.
+    """
+    rows = state.pending
+    ids = state.ids[rows]
+    old = np.isin(ids, moved)
+    for item_id in ids[old]:
+        graph.unmark_deleted(int(item_id))
+    if old.any():
+        graph.add_items(state.vectors[rows[old]], ids[old])
+    new = rows[~old]
+    if len(new):
+        slots = graph.get_current_count()
+        reusable = slots - (len(state) - len(new))  # slots of removed items
+        needed = slots + max(0, len(new) - reusable)
         if needed > graph.get_max_elements():
             graph.resize_index(math.ceil(needed * GRAPH_GROWTH))
-        graph.add_items(vectors[new_rows], new_ids, replace_deleted=True)
-    return replace(state, ids=ids, base=base, vectors=vectors, neighbours=neighbours, reach=reach, graph=graph,
-                   added=state.added + len(new_ids), _prepared=None)
+        graph.add_items(state.vectors[new], state.ids[new], replace_deleted=True)
+    return replace(state, graph=graph, pending=np.empty(0, np.int64), _pending_vectors=None)
 
 
 def graph_search(
@@ -661,11 +692,11 @@ def graph_search(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The re-ranked pipeline through the state's graph: (Q, k) rows and scores, -1 / -inf padding.
 
-    Project, search the graph, expand the query with its top qe_n (alpha-QE), search again.
-    Candidates are re-scored exactly against the (patched) DBA'd vectors, so a score is the same
-    cosine the exact pipeline gives; `excludes[q]` (rows) are absent as in `rerank_search`: the
-    graph is asked for that many more, and the rows whose DBA neighbourhood they were in are
-    re-scored from their patched vectors.
+    Project, search the graph (and the pending rows, exactly), expand the query with its top qe_n
+    (alpha-QE), search again. Candidates are re-scored exactly against the (patched) DBA'd
+    vectors, so a score is the same cosine the exact pipeline gives; `excludes[q]` (rows) are
+    absent as in `rerank_search`: the graph is asked for that many more, and the rows whose DBA
+    neighbourhood they were in are re-scored from their patched vectors.
     """
     prepared = state.prepared()
     q = state.project(queries)
@@ -685,20 +716,26 @@ def _graph_top(
     state: RerankState, prepared: PreparedDatabase, queries: np.ndarray, depth: int,
     excludes: Sequence[frozenset[int]], patches: Sequence[Patch], ef: int,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(Q, depth) best rows through the graph, re-scored exactly, ties broken by the lower row."""
-    live = min(len(state), state.graph.get_current_count())  # fewer in the graph while the ef is tuned
+    """(Q, depth) best rows through the graph and among the pending rows, re-scored exactly, ties
+    broken by the lower row."""
+    in_graph = len(state) - len(state.pending)  # the graph's unmarked nodes
     extra = max(len(exclude) + len(patch.rows) for exclude, patch in zip(excludes, patches)) if len(queries) else 0
-    ask = min(depth + extra, live)
+    ask = min(depth + extra, in_graph)
     rows = np.full((len(queries), depth), -1, np.int64)
     scores = np.full((len(queries), depth), -np.inf, np.float32)
-    if not ask:
+    if not len(state):
         return rows, scores
-    state.graph.set_ef(max(ef, ask))
-    try:
-        labels, _ = state.graph.knn_query(queries, k=ask)
-        candidates = np.searchsorted(state.ids, labels.astype(np.int64))
-    except RuntimeError:  # hnswlib found fewer than `ask` (many slots marked deleted): score them all
-        candidates = np.broadcast_to(np.arange(len(state)), (len(queries), len(state)))
+    candidates = np.empty((len(queries), 0), np.int64)
+    if ask:
+        state.graph.set_ef(max(ef, ask))
+        try:
+            labels, _ = state.graph.knn_query(queries, k=ask)
+            candidates = np.searchsorted(state.ids, labels.astype(np.int64))
+        except RuntimeError:  # hnswlib found fewer than `ask` (many slots marked deleted): score them all
+            candidates = np.broadcast_to(np.arange(len(state)), (len(queries), len(state)))
+    if len(state.pending) and candidates.shape[1] < len(state):
+        near = top_rows(queries @ state.pending_vectors().T, depth + extra)
+        candidates = np.hstack([candidates, state.pending[near]])
     for row, (query, exclude, patch) in enumerate(zip(queries, excludes, patches)):
         found = np.union1d(candidates[row], patch.rows)
         if exclude:

@@ -8,6 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+import fastret.engine.index as index_module
 from fastret.engine.decode import Preprocessing
 from fastret.engine.encoders import ModelInfo
 from fastret.engine.index import (
@@ -40,6 +41,13 @@ def clustered(count: int, seed: int = 0, clusters: int = 12, spread: float = 0.6
 
 def recall_at(found: np.ndarray, truth: np.ndarray) -> float:
     return float(np.mean([len(np.intersect1d(a[a >= 0], b[b >= 0])) / max(1, (b >= 0).sum()) for a, b in zip(found, truth)]))
+
+
+def edit(index_dir, count: int, seed: int, removed=()):
+    """Add `count` clustered items and remove the ids `removed`."""
+    added = Additions([Item(f"new/{seed}-{i}.jpg", "new") for i in range(count)], clustered(count, seed=seed),
+                      Sources.unknown(count))
+    return IndexState.read(index_dir).write(added, removed)
 
 
 def saved_index(tmp_path, count: int, options: RerankOptions | None = SMALL):
@@ -75,7 +83,8 @@ def test_an_index_saves_its_state_and_search_goes_through_its_graph(tmp_path):
     index_dir = saved_index(tmp_path, 300)
     manifest = json.loads((live_version(index_dir) / "manifest.json").read_text())
     assert manifest["rerank"]["ran"]["pca_dim"] == 12 and manifest["rerank"]["recall"] >= 0.99
-    assert set(manifest["rerank"]["files"].values()) <= set(manifest["files"])  # checksummed with the rest
+    state_files = {path.name for path in live_version(index_dir).iterdir() if path.name.startswith("rerank-")}
+    assert len(state_files) == 8 and state_files <= set(manifest["files"])  # checksummed with the rest
     retriever = Retriever(Index.load(index_dir))
     options = SearchOptions(k=10, rerank=SMALL)
     described = retriever.describe(options)
@@ -89,10 +98,13 @@ def test_an_index_saves_its_state_and_search_goes_through_its_graph(tmp_path):
     assert retriever.describe(replace(options, rerank=RerankOptions()))["rerank"] is None
 
 
-def test_a_damaged_state_file_is_refused_naming_it(tmp_path):
+@pytest.mark.parametrize("part", [0, -1])  # the full write's files, an edit's
+def test_a_damaged_state_file_is_refused_naming_it(tmp_path, part):
     index_dir = saved_index(tmp_path, 300)
+    edit(index_dir, 5, seed=11, removed=[3])
     manifest = json.loads((live_version(index_dir) / "manifest.json").read_text())
-    vectors = live_version(index_dir) / manifest["rerank"]["files"]["vectors"]
+    assert len(manifest["rerank"]["parts"]) == 2
+    vectors = live_version(index_dir) / f"{manifest['rerank']['parts'][part]['name']}.vectors.npy"
     data = bytearray(vectors.read_bytes())
     data[-5] ^= 0xFF
     vectors.write_bytes(bytes(data))
@@ -154,3 +166,71 @@ def test_an_index_without_state_reranks_in_memory_and_says_why(tmp_path):
     assert described["search"] == "exact" and described["rerank"]["source"] == "memory"
     assert "holds no re-ranking state" in described["rerank"]["notes"][0]
     assert len(retriever.search_vector(clustered(1, seed=4)[0], SearchOptions(k=4))) == 4
+
+
+def test_a_part_that_disagrees_with_its_entry_is_refused_naming_it(tmp_path):
+    index_dir = saved_index(tmp_path, 300)
+    edit(index_dir, 5, seed=11)
+    path = live_version(index_dir) / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["rerank"]["parts"][-1]["rows"] += 1
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(BadIndex, match=f"{manifest['rerank']['parts'][-1]['name']}.ids.npy"):
+        Index.load(index_dir).rerank_state()
+
+
+def test_edits_write_their_changed_rows_and_rank_as_a_fresh_write_of_the_state(tmp_path):
+    index_dir = saved_index(tmp_path, 300)
+    first = Index.load(index_dir).rerank_state()
+    for seed, removed in [(21, [5, 17]), (22, [250]), (23, []), (24, [301, 40])]:  # 301: an item added by an edit
+        written = edit(index_dir, 4, seed, removed)
+    manifest = json.loads((written.version / "manifest.json").read_text())["rerank"]
+    index = Index.load(index_dir)
+    state = index.rerank_state()
+    assert len(manifest["parts"]) > 1 and 15 < len(state.pending) < len(state)  # the graph kept, changed rows aside
+    assert manifest["graph"]["file"] == f"{manifest['parts'][0]['name']}.graph.bin"
+    fresh = fit_rerank(index.embeddings, index.ids, SMALL, HnswParams(M=8, ef_construction=100),
+                       whitening=first.whitening)
+    np.testing.assert_array_equal(state.neighbours, fresh.neighbours)
+    queries = np.vstack([clustered(40, seed=25), np.asarray(index.embeddings[state.pending[:20]])])
+    truth = rerank_search(fresh.prepared(), queries, 10, SMALL)[0]
+    np.testing.assert_array_equal(rerank_search(state.prepared(), queries, 10, SMALL)[0], truth)
+    np.testing.assert_array_equal(graph_search(state, queries, 10, SMALL, ef=len(state))[0], truth)
+    excludes = [frozenset({int(row)}) for row in state.pending[:20]]  # leave-one-out of changed rows
+    np.testing.assert_array_equal(graph_search(state, queries[40:], 10, SMALL, excludes, ef=len(state))[0],
+                                  rerank_search(fresh.prepared(), queries[40:], 10, SMALL, excludes)[0])
+    assert verify_index(index_dir) == []
+
+
+def test_an_edit_takes_the_changed_rows_into_the_graph_past_the_floor(tmp_path, monkeypatch):
+    index_dir = saved_index(tmp_path, 300)
+    edit(index_dir, 4, seed=31, removed=[8])
+    monkeypatch.setattr(index_module, "RERANK_PENDING_FLOOR", 10)
+    written = edit(index_dir, 4, seed=32, removed=[9])
+    manifest = json.loads((written.version / "manifest.json").read_text())["rerank"]
+    index = Index.load(index_dir)
+    state = index.rerank_state()
+    assert len(manifest["parts"]) == 1 and not len(state.pending) and state.fitted == 300
+    assert sorted(set(state.graph.get_ids_list()) - {8, 9}) == state.ids.tolist()  # removed items' slots marked
+    queries = clustered(40, seed=33)
+    np.testing.assert_array_equal(graph_search(state, queries, 10, SMALL, ef=len(state))[0],
+                                  rerank_search(state.prepared(), queries, 10, SMALL)[0])
+    hits = Retriever(index).search_vector(clustered(4, seed=32)[2], SearchOptions(k=1, rerank=SMALL))
+    assert hits[0].item_id == written.added_ids[2]
+
+
+def test_a_state_written_before_states_had_parts_reads_as_one_part(tmp_path):
+    index_dir = saved_index(tmp_path, 300)
+    path = live_version(index_dir) / "manifest.json"
+    manifest = json.loads(path.read_text())
+    entry = manifest["rerank"]
+    files = {array: f"{entry['parts'][0]['name']}.{array}.npy" for array in index_module.RERANK_ARRAYS}
+    manifest["rerank"] = {**{key: value for key, value in entry.items() if key not in ("parts", "graph", "pca")},
+                          "files": {**files, "graph": entry["graph"]["file"], **entry["pca"]},
+                          "slots": entry["graph"]["slots"]}
+    path.write_text(json.dumps(manifest))
+    state = Index.load(index_dir).rerank_state()
+    assert len(state) == 300 and not len(state.pending)
+    edit(index_dir, 4, seed=41)
+    assert Index.load(index_dir).rerank_state().ids[-4:].tolist() == [300, 301, 302, 303]
+    assert verify_index(index_dir) == []
