@@ -202,7 +202,12 @@ def test_watch_follows_the_folder_and_ctrl_c_stops_it(gallery, indexed, tmp_path
         wait_for_line(lambda line: line[:2].isdigit() and line.endswith(", 14 items)"))  # a batch line
     finally:
         watcher.send_signal(signal.SIGINT)
-        watcher.wait(timeout=60)
+        try:
+            watcher.wait(timeout=60)
+        finally:
+            if watcher.poll() is None:  # a watcher that ignored Ctrl-C must not outlive the test
+                watcher.kill()
+                watcher.wait()
         reader.join(timeout=60)
     assert watcher.returncode == 0, lines
     assert len(Index.load(indexed)) == 14 and "class0/0.png" not in paths_of(indexed)
