@@ -624,8 +624,30 @@ def _read_segment_items(version: Path, segment: Segment) -> SegmentItems:
 # --- reading a version ------------------------------------------------------------------------
 
 
+class ManifestFields:
+    """What an index's manifest says of it, read one way by every store's views (IndexState, LanceDB's)."""
+
+    manifest: dict
+
+    @property
+    def model(self) -> ModelInfo:
+        return ModelInfo.from_dict(self.manifest["model"])
+
+    @property
+    def root(self) -> str:
+        return self.manifest["root"]
+
+    @property
+    def encoder(self) -> dict | None:
+        return self.manifest.get("encoder")
+
+    @property
+    def build(self) -> dict:
+        return self.manifest.get("build") or {}
+
+
 @dataclass
-class IndexState:
+class IndexState(ManifestFields):
     """A version as a writer sees it: its manifest, layout and live items, without vectors or graph.
 
     Reading it is what an incremental writer needs to decide what changed (paths, sources, ids);
@@ -652,24 +674,8 @@ class IndexState:
         )
 
     @property
-    def model(self) -> ModelInfo:
-        return ModelInfo.from_dict(self.manifest["model"])
-
-    @property
-    def root(self) -> str:
-        return self.manifest["root"]
-
-    @property
     def hnsw_params(self) -> HnswParams:
         return HnswParams(**self.manifest["hnsw"])
-
-    @property
-    def encoder(self) -> dict | None:
-        return self.manifest.get("encoder")
-
-    @property
-    def build(self) -> dict:
-        return self.manifest.get("build") or {}
 
     @property
     def runtime(self) -> dict | None:

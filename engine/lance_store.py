@@ -43,6 +43,7 @@ from fastret.engine.index import (
     BadIndex,
     HnswParams,
     Item,
+    ManifestFields,
     Sources,
     Written,
     index_writer_lock,
@@ -274,30 +275,12 @@ def next_free_id(index_dir: str | Path) -> int:
         return 0
 
 
-class _Manifested:
-    """What both views read from the manifest."""
-
-    manifest: dict
-
-    @property
-    def model(self) -> ModelInfo:
-        return ModelInfo.from_dict(self.manifest["model"])
-
-    @property
-    def root(self) -> str:
-        return self.manifest["root"]
+class _Manifested(ManifestFields):
+    """What both views read from the manifest: the fields of every store, and the table's URI."""
 
     @property
     def uri(self) -> str:
         return self.manifest["uri"]
-
-    @property
-    def encoder(self) -> dict | None:
-        return self.manifest.get("encoder")
-
-    @property
-    def build(self) -> dict:
-        return self.manifest.get("build") or {}
 
     @property
     def ann(self) -> AnnParams | None:
