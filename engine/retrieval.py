@@ -36,13 +36,15 @@ def build_index(
     first_id: int = 0,
     embed: Callable[..., EmbedResult] = embed_files,
     graph: bool = True,
+    thumbnails: bool = True,
 ) -> tuple[Index, EmbedResult]:
     """Embed every image under root and build the HNSW graph; bad files are skipped, not fatal.
 
     Files the listing leaves out (see list_images) count among the result's skipped files. Items
     get the ids first_id, first_id + 1, ... (a rebuild continues its predecessor's ids).
     `embed` has embed_files' signature (the Ray engine passes its own); `graph=False` leaves the
-    HNSW graph out, for stores that index the vectors themselves.
+    HNSW graph out, for stores that index the vectors themselves; `thumbnails=False` keeps none, for
+    an index that is searched once and never saved or checked for duplicates.
     """
     root = Path(root).resolve()
     unlisted: list[Skipped] = []
@@ -52,7 +54,7 @@ def build_index(
             on_skip(skip)
     added, result = embed_paths(
         root, paths, encoder, batch_size=batch_size, workers=workers, draft=draft, on_skip=on_skip,
-        on_progress=on_progress, embed=embed,
+        on_progress=on_progress, embed=embed, thumbnails=thumbnails,
     )
     result.skipped[:0] = unlisted
     started = time.perf_counter()

@@ -66,14 +66,15 @@ def embed_paths(
     on_skip: Callable[[Skipped], None] | None = None,
     on_progress: Callable[[int], None] | None = None,
     embed: Callable[..., EmbedResult] = embed_files,
+    thumbnails: bool = True,
 ) -> tuple[Additions, EmbedResult]:
     """Embed files under root into new items (path relative to root, label = parent folder), with
-    the sources they were read from and their thumbnails for the duplicate finder; bad files are
-    skipped, not fatal. `embed` has embed_files' signature (the Ray engine passes its own)."""
+    the sources they were read from and (`thumbnails`) their thumbnails for the duplicate finder;
+    bad files are skipped, not fatal. `embed` has embed_files' signature (the Ray engine passes its own)."""
     sources = read_sources(paths, workers=workers)
     result = embed(
         paths, encoder, batch_size=batch_size, workers=workers, draft=draft, on_skip=on_skip, on_progress=on_progress,
-        thumbnails=True,
+        thumbnails=thumbnails,
     )
     position = {Path(path): number for number, path in enumerate(paths)}
     rows = np.array([position[path] for path in result.paths], dtype=np.int64)

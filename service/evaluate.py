@@ -68,7 +68,7 @@ def evaluate_folders(
         encoder = FlipAveragedEncoder(encoder) if options.flip_tta else encoder
         seconds["model_load"] = _since(started)
         started = time.perf_counter()
-        index, _ = build_index(db_dir, encoder, on_skip=on_skip)
+        index, _ = build_index(db_dir, encoder, on_skip=on_skip, thumbnails=False)  # searched, then gone
         retriever = Retriever(index, encoder)
         seconds["database_embedding"] = _since(started)
     if len(index) == 0:
