@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -116,7 +117,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     retriever = Retriever.open(
         args.index, backend=args.backend, precision=args.precision, threads=args.threads, log=log,
-        images=args.image is not None,
+        images=args.image is not None, searches=options,
     )
     loaded = time.perf_counter()
     if words:
@@ -209,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_search_options(search)
     add_runtime_options(search)
-    search.set_defaults(run=cmd_search)
+    search.set_defaults(run=cmd_search, ends_process_at_once=True)
     # Sub-commands that live in their own modules register below, one line each.
     evaluate.register(commands)
     serve.register(commands)
@@ -219,7 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    return run_command(build_parser().parse_args(argv))
+
+
+def run_command(args: argparse.Namespace) -> int:
     try:
         return args.run(args)
     except USER_ERRORS as exc:
@@ -230,5 +234,21 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def entry() -> None:
+    """The `fastret` program. A search, which writes nothing, ends its process as soon as its output is
+    flushed: tearing down the interpreter and the loaded runtime (OpenVINO's plugin, the compiled model)
+    would add a good part of a cold search's wall time and do nothing the user needs."""
+    args = build_parser().parse_args()
+    code = run_command(args)
+    if getattr(args, "ends_process_at_once", False):
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except OSError:  # a closed pipe (`fastret search ... | head -1`): nothing more to deliver
+                pass
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

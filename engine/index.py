@@ -215,7 +215,7 @@ class Index:
     items: list[Item]
     embeddings: np.ndarray  # (N, D) float32, unit rows; read-only when loaded
     hnsw_params: HnswParams = field(default_factory=HnswParams)
-    hnsw: object | None = None  # hnswlib.Index, labels = ids; built lazily for tiny sets
+    _hnsw: object | None = field(default=None, repr=False)  # see the hnsw property
     created: float = field(default_factory=time.time)
     runtime: dict | None = None  # {"backend", "precision"} that embedded the gallery; queries reuse it
     encoder: dict | None = None  # how to rebuild the encoder (defined by the service layer; opaque here)
@@ -230,6 +230,8 @@ class Index:
     reranking: RerankState | None = None  # that state, once fitted or loaded (see rerank_state)
     _rerank_entry: dict | None = field(default=None, repr=False)  # a loaded version's manifest entry
     _rerank_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _load_graph: Callable[[], object] | None = field(default=None, repr=False)  # a graph Index.load left on disk
+    _graph_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
         if self.embeddings.ndim != 2 or self.embeddings.shape != (len(self.items), self.model.dim):
@@ -271,9 +273,23 @@ class Index:
 
     # --- search -----------------------------------------------------------------------------
 
+    @property
+    def hnsw(self):
+        """The hnswlib.Index over the raw embeddings, labels = ids (None: none, searched exactly); one
+        that `Index.load(graph=False)` left on disk is loaded here, on first use."""
+        with self._graph_lock:
+            if self._load_graph is not None:
+                self._hnsw, self._load_graph = self._load_graph(), None
+            return self._hnsw
+
+    @hnsw.setter
+    def hnsw(self, graph) -> None:
+        with self._graph_lock:
+            self._hnsw, self._load_graph = graph, None
+
     def search_kind(self, exact: bool) -> str:
         """What `search(exact=exact)` runs: "hnsw" or "exact" (no graph: a tiny set)."""
-        return "exact" if exact or self.hnsw is None else "hnsw"
+        return "exact" if exact or (self._hnsw is None and self._load_graph is None) else "hnsw"
 
     def search(
         self, queries: np.ndarray, k: int = 10, *, exact: bool = False, ef: int | None = None
@@ -365,7 +381,7 @@ class Index:
         )
 
     @classmethod
-    def load(cls, index_dir: str | Path, *, verify: bool = False) -> "Index":
+    def load(cls, index_dir: str | Path, *, verify: bool = False, graph: bool = True, rerank: bool = True) -> "Index":
         """Load the live version, refusing damaged files and unknown formats with a clear message.
 
         The default checks are cheap: format version, the files listed in the manifest, present
@@ -374,11 +390,21 @@ class Index:
         read-only array). A changed byte that keeps a file's size passes them (only a checksum can
         tell): `verify=True` or `verify_index` hashes every file. When a cheap check fails, the
         checksums run too, to name the damaged file.
+
+        `graph` and `rerank`: read the HNSW graph and the re-ranking state now, so that the Index
+        keeps answering after a writer removes this version (a server). A reader that will not
+        search one of them (a one-shot re-ranked search needs no raw graph) leaves it on disk; it
+        is then read on first use, from a version that a writer may have removed by then.
         """
         index_dir = Path(index_dir)
-        return _at_live_version(
-            index_dir, lambda version: _load_version(index_dir, version, _read_index, checksums=verify)
-        )
+
+        def read(index_dir: Path, version: Path, manifest: dict) -> Index:
+            index = _read_index(index_dir, version, manifest, graph=graph)
+            if rerank:
+                index.rerank_state()
+            return index
+
+        return _at_live_version(index_dir, lambda version: _load_version(index_dir, version, read, checksums=verify))
 
     def check_model(self, expected: ModelInfo) -> None:
         """Refuse an index made by another model: its vectors live in another space."""
@@ -761,8 +787,9 @@ def _read_state(index_dir: Path, version: Path, manifest: dict) -> IndexState:
     return IndexState(index_dir, version, manifest, layout, parts, kept, ids, paths, labels, sources)
 
 
-def _read_index(index_dir: Path, version: Path, manifest: dict) -> Index:
-    """The Index of a version: its state, then the embeddings and the graph."""
+def _read_index(index_dir: Path, version: Path, manifest: dict, *, graph: bool = True) -> Index:
+    """The Index of a version: its state, then the embeddings and the graph (`graph=False`: checked
+    against the manifest, read on first use)."""
     state = _read_state(index_dir, version, manifest)
     dim, layout = manifest["dim"], state.layout
     try:
@@ -805,7 +832,11 @@ def _read_index(index_dir: Path, version: Path, manifest: dict) -> Index:
         rerank_options=_rerank_options(version, manifest.get("rerank")),
         _rerank_entry=_stored_rerank(manifest),
     )
-    index.hnsw = _graph_of(version, layout, index)
+    load_graph = _graph_of(version, layout, index)
+    if graph:
+        index.hnsw = load_graph()
+    else:
+        index._load_graph = load_graph
     return index
 
 
@@ -835,8 +866,9 @@ def _live_rows(arrays: list[np.ndarray], kept: list[np.ndarray]) -> np.ndarray:
     return live
 
 
-def _graph_of(version: Path, layout: Layout, index: Index):
-    """The version's graph file with the items removed since it was written marked deleted."""
+def _graph_of(version: Path, layout: Layout, index: Index) -> Callable[[], object]:
+    """What reads the version's graph file with the items removed since it was written marked
+    deleted, once its counts and header have been checked against the manifest."""
     graph = layout.graph
     path = version / graph.file
     in_graph = index.graph_rows
@@ -846,13 +878,18 @@ def _graph_of(version: Path, layout: Layout, index: Index):
             f"{len(layout.graph_deleted)} removed since) but {in_graph} live items have ids below {graph.id_bound}; "
             f"{REINDEX}"
         )
-    loaded = load_hnsw(path, index.model.dim, graph.slots, index.hnsw_params)
-    try:
-        for item_id in layout.graph_deleted:
-            loaded.mark_deleted(int(item_id))
-    except RuntimeError as exc:
-        raise BadIndex(f"{path}: damaged index, cannot mark a removed item ({exc}); {REINDEX}") from None
-    return loaded
+    check_hnsw_header(path, index.model.dim, graph.slots, index.hnsw_params)
+
+    def load():
+        loaded = load_hnsw(path, index.model.dim, graph.slots, index.hnsw_params)
+        try:
+            for item_id in layout.graph_deleted:
+                loaded.mark_deleted(int(item_id))
+        except RuntimeError as exc:
+            raise BadIndex(f"{path}: damaged index, cannot mark a removed item ({exc}); {REINDEX}") from None
+        return loaded
+
+    return load
 
 
 def _load_version(index_dir: Path, version: Path, read: Callable[[Path, Path, dict], T], *, checksums: bool) -> T:

@@ -142,6 +142,13 @@ def fit_pca_whitening(database: np.ndarray, dim: int | None = None, power: float
 # --- top k of a score matrix ---------------------------------------------------------------------
 
 
+def distinct(values: np.ndarray) -> np.ndarray:
+    """The sorted distinct values of a 1-d array: np.unique without the import of numpy.ma that numpy 2's
+    unique makes on its first call, which a one-shot search would wait for."""
+    values = np.sort(values)
+    return values[np.concatenate(([True], values[1:] != values[:-1]))] if len(values) else values
+
+
 def top_rows(scores: np.ndarray, k: int) -> np.ndarray:
     """(R, k) ids of the k highest scores of each row, best first, ties broken by lower id."""
     k = min(k, scores.shape[1])
@@ -737,7 +744,7 @@ def _graph_top(
         near = top_rows(queries @ state.pending_vectors().T, depth + extra)
         candidates = np.hstack([candidates, state.pending[near]])
     for row, (query, exclude, patch) in enumerate(zip(queries, excludes, patches)):
-        found = np.union1d(candidates[row], patch.rows)
+        found = distinct(np.concatenate([candidates[row], patch.rows]))
         if exclude:
             found = found[~np.isin(found, list(exclude))]
         found_scores = patch.gather(prepared, found) @ query

@@ -154,10 +154,17 @@ class Retriever:
         workload: str = "latency",
         log: Callable[[str], None] = lambda _: None,
         images: bool = True,
+        searches: SearchOptions | None = None,
     ) -> "Retriever":
         """Load the live version of an index and open the encoder that embedded it (`images=False`:
-        no image encoder, for text-only queries); the text tower opens on the first text query."""
-        index = open_index(index_dir)  # an hnswlib index or a LanceDB store
+        no image encoder, for text-only queries); the text tower opens on the first text query.
+
+        `searches`: the options of the searches to come, when they are known (one query from the
+        shell): only what those read is loaded now. None: everything, as a server needs, since a
+        writer may remove the version's files while it serves."""
+        reads = {} if searches is None else {"graph": not searches.rerank.active and not searches.exact,
+                                              "rerank": searches.rerank.active}
+        index = open_index(index_dir, **reads)  # an hnswlib index or a LanceDB store
         encoder = (
             encoder_for_index(index, backend, threads=threads, precision=precision, workload=workload, log=log)
             if images

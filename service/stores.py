@@ -51,9 +51,12 @@ def holds_index(index_dir: str | Path) -> bool:
     return (Path(index_dir) / CURRENT).exists() or is_lance_index(index_dir)
 
 
-def open_index(index_dir: str | Path) -> Index | LanceIndex:
-    """The live index in this directory, whichever store holds it."""
-    return LanceIndex.load(index_dir) if holds_lance_store(index_dir) else Index.load(index_dir)
+def open_index(index_dir: str | Path, *, graph: bool = True, rerank: bool = True) -> Index | LanceIndex:
+    """The live index in this directory, whichever store holds it (`graph`, `rerank`: as in Index.load;
+    a LanceDB store reads its table when searched)."""
+    if holds_lance_store(index_dir):
+        return LanceIndex.load(index_dir)
+    return Index.load(index_dir, graph=graph, rerank=rerank)
 
 
 def read_state(index_dir: str | Path) -> IndexState | LanceState:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -119,6 +120,22 @@ def test_search_with_a_missing_index_as_a_process(tmp_path):
 
 
 # --- end to end on wang1k -------------------------------------------------------------------
+
+
+@pytest.mark.data
+def test_a_search_process_delivers_all_its_output_before_it_ends(wang1k_index, wang1k):
+    """The program ends a search's process without the interpreter's teardown: every byte of a long
+    piped answer must still arrive, and the exit status must be the command's."""
+    query = wang1k / "buildings" / "299.jpg"
+    command = [sys.executable, "-m", "fastret.cli.main", "search", str(query), "--index", str(wang1k_index)]
+    buffered = {name: value for name, value in os.environ.items() if name != "PYTHONUNBUFFERED"}
+    done = subprocess.run([*command, "-k", "1000"], capture_output=True, text=True, timeout=120, env=buffered)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()  # one print a line: the last ones sit in stdout's buffer at the end
+    assert lines[0] == "Top 999 most similar images:" and lines[-1].startswith("999. ") and done.stdout.endswith("\n")
+    refused = subprocess.run([*command, "--score", "softmax"], capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and refused.stdout == "" and "add --no-rerank" in refused.stderr
+
 
 
 @pytest.mark.data
