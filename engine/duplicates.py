@@ -15,11 +15,10 @@ of pairwise-similar shots. Functions work on row positions (0..N-1) of the calle
 from __future__ import annotations
 
 import math
-import multiprocessing
 import os
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -505,6 +504,9 @@ def star_groups(
     the components are grouped in that many forked processes (where the platform forks; the
     verification holds the GIL too often for threads to help) with the same result.
     """
+    import multiprocessing  # here: the pipeline imports this module, and a search should not wait for it
+    from concurrent.futures import ProcessPoolExecutor
+
     if processes <= 1 or "fork" not in multiprocessing.get_all_start_methods():
         return _star_groups(priority, candidates, verify)
     order = {row: position for position, row in enumerate(priority)}
