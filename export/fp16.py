@@ -16,6 +16,8 @@ FP16_STEM = "model.fp16"
 FP16_KIND = "onnx-fp16"
 FP32_OPS = ["LayerNormalization", "Softmax", "ReduceL2", "Div"]
 FP16_MIN_COSINE = 0.999
+FP16_SETTINGS = {"precision": "fp16", "fp32_ops": FP32_OPS}
+"""What an fp16 derivation records (its files are named by a digest that includes it)."""
 
 
 def convert_fp16(src: Path, dst: Path) -> None:
@@ -35,7 +37,7 @@ def export_fp16(export_dir: Path, *, image_dir: Path | None = None, log: Log = n
         kind=FP16_KIND,
         label="ONNX fp16 (CPU provider)",
         min_cosine=FP16_MIN_COSINE,
-        settings={"precision": "fp16", "fp32_ops": FP32_OPS},
+        settings=FP16_SETTINGS,
         image_dir=image_dir,
         log=log,
     )

@@ -50,6 +50,8 @@ from fastret.export.onnx_export import (
 INT8_ONNX_STEM = "model.int8"
 INT8_ONNX_KIND = "onnx-int8-dynamic"
 INT8_MIN_COSINE = 0.999
+INT8_DYNAMIC_SETTINGS = {"precision": "int8-dynamic", "ops": ["MatMul", "Gemm"]}
+"""What a dynamic INT8 derivation records (its files are named by a digest that includes it)."""
 INT8_FAMILIES = ("clip",)
 
 OPENVINO_INT8_STEM = "openvino-int8"
@@ -92,7 +94,7 @@ def export_int8(export_dir: Path, *, image_dir: Path | None = None, log: Log = n
         kind=INT8_ONNX_KIND,
         label="ONNX int8 (dynamic)",
         min_cosine=INT8_MIN_COSINE,
-        settings={"precision": "int8-dynamic", "ops": ["MatMul", "Gemm"]},
+        settings=INT8_DYNAMIC_SETTINGS,
         image_dir=image_dir,
         log=log,
     )

@@ -27,7 +27,7 @@ import numpy as np
 
 from fastret.engine.log import Log, no_log
 from fastret.engine.text import TextTokenizer
-from fastret.export.fp16 import FP16_MIN_COSINE, FP32_OPS, convert_fp16
+from fastret.export.fp16 import FP16_MIN_COSINE, FP16_SETTINGS, convert_fp16
 from fastret.export.models import ModelNotFound, ModelSource
 from fastret.export.onnx_export import (
     METADATA_FILE,
@@ -45,7 +45,7 @@ from fastret.export.onnx_export import (
     trace_to_onnx,
     write_json_atomic,
 )
-from fastret.export.quantize import INT8_MIN_COSINE, quantize_dynamic_int8
+from fastret.export.quantize import INT8_DYNAMIC_SETTINGS, INT8_MIN_COSINE, quantize_dynamic_int8
 
 TEXT_ONNX = "text.onnx"
 TEXT_FP32_KIND = "text-onnx-fp32"
@@ -247,7 +247,7 @@ def export_text_int8(export_dir: Path, *, log: Log = no_log) -> tuple[Path, Pari
         kind=TEXT_INT8_KIND,
         label="ONNX text tower int8 (dynamic)",
         min_cosine=INT8_MIN_COSINE,
-        settings={"precision": "int8-dynamic", "ops": ["MatMul", "Gemm"]},
+        settings=INT8_DYNAMIC_SETTINGS,
         log=log,
         tower=TEXT_TOWER,
     )
@@ -262,7 +262,7 @@ def export_text_fp16(export_dir: Path, *, log: Log = no_log) -> tuple[Path, Pari
         kind=TEXT_FP16_KIND,
         label="ONNX text tower fp16 (CPU provider)",
         min_cosine=FP16_MIN_COSINE,
-        settings={"precision": "fp16", "fp32_ops": FP32_OPS},
+        settings=FP16_SETTINGS,
         log=log,
         tower=TEXT_TOWER,
     )
