@@ -202,21 +202,63 @@ def test_edits_write_their_changed_rows_and_rank_as_a_fresh_write_of_the_state(t
     assert verify_index(index_dir) == []
 
 
-def test_an_edit_takes_the_changed_rows_into_the_graph_past_the_floor(tmp_path, monkeypatch):
+def fresh_ranking(index, whitening, queries, excludes=None) -> np.ndarray:
+    """Re-ranked top-10 of a fresh write of the index's state (the same PCA), searched exactly."""
+    fresh = fit_rerank(index.embeddings, index.ids, SMALL, HnswParams(M=8, ef_construction=100), whitening=whitening)
+    return rerank_search(fresh.prepared(), queries, 10, SMALL, excludes)[0]
+
+
+def test_a_take_in_writes_the_graph_and_links_the_parts(tmp_path, monkeypatch):
     index_dir = saved_index(tmp_path, 300)
+    whitening = Index.load(index_dir).rerank_state().whitening
     edit(index_dir, 4, seed=31, removed=[8])
+    old = json.loads((live_version(index_dir) / "manifest.json").read_text())["rerank"]
+    inodes = {path.name: path.stat().st_ino for path in live_version(index_dir).iterdir()}
     monkeypatch.setattr(index_module, "RERANK_PENDING_FLOOR", 10)
     written = edit(index_dir, 4, seed=32, removed=[9])
     manifest = json.loads((written.version / "manifest.json").read_text())["rerank"]
+    assert manifest["parts"][0] == old["parts"][0] and manifest["graph"]["parts"] == len(manifest["parts"])
+    for name in index_module._rerank_part_files(old["parts"][0]["name"]).values():  # linked, not rewritten
+        assert (written.version / name).stat().st_ino == inodes[name]
+    state_files = list(written.version.glob("rerank-*"))
+    new_files = [path for path in state_files if inodes.get(path.name) != path.stat().st_ino]
+    new_parts = [part for part in manifest["parts"] if part not in old["parts"]]
+    assert {path.name for path in new_files} == {manifest["graph"]["file"], manifest["graph"]["ids"], *(
+        name for part in new_parts for name in index_module._rerank_part_files(part["name"]).values())}
     index = Index.load(index_dir)
     state = index.rerank_state()
-    assert len(manifest["parts"]) == 1 and not len(state.pending) and state.fitted == 300
+    assert not len(state.pending) and state.fitted == 300
     assert sorted(set(state.graph.get_ids_list()) - {8, 9}) == state.ids.tolist()  # removed items' slots marked
     queries = clustered(40, seed=33)
-    np.testing.assert_array_equal(graph_search(state, queries, 10, SMALL, ef=len(state))[0],
-                                  rerank_search(state.prepared(), queries, 10, SMALL)[0])
+    truth = fresh_ranking(index, whitening, queries)
+    np.testing.assert_array_equal(graph_search(state, queries, 10, SMALL, ef=len(state))[0], truth)
+    np.testing.assert_array_equal(rerank_search(state.prepared(), queries, 10, SMALL)[0], truth)
     hits = Retriever(index).search_vector(clustered(4, seed=32)[2], SearchOptions(k=1, rerank=SMALL))
     assert hits[0].item_id == written.added_ids[2]
+    assert verify_index(index_dir) == []
+
+
+def test_edits_after_a_take_in_keep_its_parts_covered_and_rank_as_a_fresh_write(tmp_path, monkeypatch):
+    index_dir = saved_index(tmp_path, 300)
+    whitening = Index.load(index_dir).rerank_state().whitening
+    monkeypatch.setattr(index_module, "RERANK_PENDING_FLOOR", 30)
+    for seed, removed in [(51, [3]), (52, [4, 300]), (53, []), (54, [7, 302]), (55, [11]), (56, [12, 13]), (57, [14])]:
+        written = edit(index_dir, 3, seed, removed)
+        manifest = json.loads((written.version / "manifest.json").read_text())["rerank"]
+        index = Index.load(index_dir)
+        state = index.rerank_state()
+        covered = manifest["graph"]["parts"]
+        later = [np.load(written.version / f"{part['name']}.ids.npy") for part in manifest["parts"][covered:]]
+        assert set(state.ids[state.pending]) == set(np.concatenate([np.empty(0, np.int64), *later]).tolist())
+        newest = np.arange(len(state) - 5, len(state))  # rows the last edits changed
+        queries = np.vstack([clustered(20, seed=seed + 100), np.asarray(index.embeddings[newest])])
+        truth = fresh_ranking(index, whitening, queries)
+        np.testing.assert_array_equal(graph_search(state, queries, 10, SMALL, ef=len(state))[0], truth)
+        excludes = [frozenset({int(row)}) for row in newest]  # leave-one-out
+        np.testing.assert_array_equal(graph_search(state, queries[20:], 10, SMALL, excludes, ef=len(state))[0],
+                                      fresh_ranking(index, whitening, queries[20:], excludes))
+    assert verify_index(index_dir) == []
+    assert "ids" in manifest["graph"]  # the graph was taken in at least once
 
 
 def test_a_state_written_before_states_had_parts_reads_as_one_part(tmp_path):
