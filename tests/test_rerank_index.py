@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import fastret.engine.index as index_module
+import fastret.engine.rerank as rerank_module
 from fastret.engine.decode import Preprocessing
 from fastret.engine.encoders import ModelInfo
 from fastret.engine.index import (
@@ -276,3 +277,52 @@ def test_a_state_written_before_states_had_parts_reads_as_one_part(tmp_path):
     edit(index_dir, 4, seed=41)
     assert Index.load(index_dir).rerank_state().ids[-4:].tolist() == [300, 301, 302, 303]
     assert verify_index(index_dir) == []
+
+
+def test_a_state_with_parts_written_before_take_ins_kept_them_loads_and_edits(tmp_path, monkeypatch):
+    """main's manifests before this change: a graph entry without `parts` / `ids` covers the first part."""
+    index_dir = saved_index(tmp_path, 300)
+    whitening = Index.load(index_dir).rerank_state().whitening
+    edit(index_dir, 4, seed=61, removed=[2])
+    edit(index_dir, 4, seed=62, removed=[301])
+    path = live_version(index_dir) / "manifest.json"
+    manifest = json.loads(path.read_text())
+    assert len(manifest["rerank"]["parts"]) > 1
+    manifest["rerank"]["graph"] = {key: manifest["rerank"]["graph"][key] for key in ("file", "slots", "marked")}
+    path.write_text(json.dumps(manifest))
+    stored = [np.load(path.parent / f"{part['name']}.ids.npy") for part in manifest["rerank"]["parts"][1:]]
+    state = Index.load(index_dir).rerank_state()
+    assert set(state.ids[state.pending]) == set(np.concatenate(stored).tolist()) & set(state.ids.tolist())
+    monkeypatch.setattr(index_module, "RERANK_PENDING_FLOOR", 10)
+    edit(index_dir, 4, seed=63, removed=[5])
+    index = Index.load(index_dir)
+    state = index.rerank_state()
+    assert not len(state.pending)
+    queries = clustered(20, seed=64)
+    np.testing.assert_array_equal(graph_search(state, queries, 10, SMALL, ef=len(state))[0],
+                                  fresh_ranking(index, whitening, queries))
+    assert verify_index(index_dir) == []
+
+
+def random_rows(count: int, dim: int, seed: int) -> np.ndarray:
+    rows = np.random.default_rng(seed).standard_normal((count, dim)).astype(np.float32)
+    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+
+def test_an_edit_after_a_fit_through_a_graph_changes_about_the_rows_an_exact_fit_would(monkeypatch):
+    """Random 256-d rows and a sparse graph: the graph fit's 5th neighbours are too far for nearly
+    every row, so many rows seem to let a new item in; only those whose 5 nearest truly change move."""
+    count, options = 3000, RerankOptions(dba_n=5)
+    embeddings, ids = random_rows(count, 256, seed=0), np.arange(count)
+    make_graph = lambda vectors, labels: index_module.build_hnsw(vectors, HnswParams(M=4, ef_construction=8), labels)  # noqa: E731
+    exact = rerank_module.fit_state(embeddings, ids, options, make_graph)
+    monkeypatch.setattr(rerank_module, "EXACT_NEIGHBOURS", 100)
+    approximate = rerank_module.fit_state(embeddings, ids, options, make_graph)
+    assert "through a graph" in approximate.notes[-1] and np.mean(approximate.reach < exact.reach - 1e-6) > 0.9
+    added, new_ids, removed = random_rows(10, 256, seed=1), np.arange(count, count + 10), np.arange(5, 3000, 300)
+    changed = {name: set(rerank_module.update_state(state, added, new_ids, removed)[1].tolist())
+               for name, state in (("exact", exact), ("approximate", approximate))}
+    lost = {name: set(state.ids[np.isin(state.neighbours[:, 1:], removed).any(axis=1)].tolist()) - set(removed.tolist())
+            for name, state in (("exact", exact), ("approximate", approximate))}
+    assert changed["approximate"] - lost["approximate"] == changed["exact"] - lost["exact"]  # new items, and rows they enter
+    assert len(changed["approximate"]) <= 1.25 * len(changed["exact"])
