@@ -622,10 +622,10 @@ def update_state(state: RerankState, embeddings: np.ndarray, new_ids: np.ndarray
     Neighbourhoods are found exactly, so after an exact fit the rows equal `fit_state`'s of the live
     items with the same whitening (to float rounding). A fit through a graph may store an n-th
     neighbour farther than the true one; a new item nearer than that changes the row only when it
-    is among the row's n nearest, so an edit changes about as many rows as after an exact fit. The
-    graph is not touched: the changed rows join the
-    pending ones (searched exactly), and the returned state holds no graph; the writer loads the
-    stored one marked for it, or takes the pending rows in (`take_in`).
+    is among the row's n nearest, so an edit changes about as many rows as after an exact fit.
+    The graph is not touched: the changed rows join the pending ones (searched exactly), and the
+    returned state holds no graph; the writer loads the stored one marked for it, or takes the
+    pending rows in (`take_in`).
     """
     new_ids = np.asarray(new_ids, dtype=np.int64)
     removed = np.asarray(removed, dtype=np.int64)
