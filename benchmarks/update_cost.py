@@ -10,6 +10,12 @@ cost of an edit does not depend on the graph's quality). Then, in this process, 
 - `compact`: a compaction (one segment, a fresh graph);
 - `load`: Index.load after the edits (segments gathered into one array) and after compaction (mapped).
 
+`--neighbours N`: why an edit changes the re-ranking rows it does, on N such vectors: the DBA
+neighbourhoods found through a graph (as a fit above 50,000 items finds them) against exact ones
+(their recall, and how often the stored 5th-neighbour similarity is too low), then `--repeats`
+edits of +10 / -10 counted both ways: rows that lost a neighbour, rows a new item is nearer to than
+their stored 5th, and rows whose exact 5 nearest a new item truly enters.
+
 A real index (`--real DIR`): `fastret index DIR` once (full), then `--add` images (default 10)
 copied in from `--pool` and `--remove` (default 10) deleted, and `fastret index DIR` again as a
 fresh process, `--repeats` times.
@@ -21,6 +27,7 @@ for in-process edits, the process's write() bytes from /proc/self/io).
     python benchmarks/update_cost.py --real /tmp/scaled/db --pool /tmp/scaled/queries --work /tmp/uc
     python benchmarks/update_cost.py --synthetic 100000 --work /tmp/uc
     python benchmarks/update_cost.py --synthetic 1000000 --work /tmp/uc
+    python benchmarks/update_cost.py --neighbours 100000 --work /tmp/uc   # ~5 min here, most of it the exact fit
     python benchmarks/update_cost.py --real /tmp/wang980 --pool /tmp/wang20 --add 20 --remove 10 --repeats 1 \
         --work /tmp/uc   # the acceptance check: wang1k less 20 images, then +20 / -10
 """
@@ -191,6 +198,39 @@ def run_synthetic(count: int, dim: int, params: HnswParams, work: Path, repeats:
     }
 
 
+def neighbour_check(count: int, dim: int, params: HnswParams, repeats: int) -> dict:
+    """Graph-found DBA neighbourhoods against exact ones, and the rows +10 / -10 edits change after each."""
+    from fastret.engine.rerank import RECOMMENDED_RERANK, _graph_neighbours, fit_pca_whitening, nearest_others
+
+    n, rng = RECOMMENDED_RERANK.dba_n, np.random.default_rng(0)
+    whitening = fit_pca_whitening(unit_rows(count, dim, rng), RECOMMENDED_RERANK.pca_dim, RECOMMENDED_RERANK.pca_power)
+    base = whitening.apply(unit_rows(count, dim, np.random.default_rng(0)))
+    started = time.perf_counter()
+    fits = {"graph": _graph_neighbours(base, n, lambda vectors, labels: build_hnsw(vectors, params, labels))}
+    graph_s, started = time.perf_counter() - started, time.perf_counter()
+    fits["exact"] = nearest_others(base, np.arange(count), n)
+    exact_s = time.perf_counter() - started
+    recall = float(np.mean([len(np.intersect1d(a, b)) for a, b in zip(fits["graph"][0], fits["exact"][0])])) / n
+    too_low = float(np.mean(fits["graph"][1][:, -1] < fits["exact"][1][:, -1] - 1e-6))
+    edits, edit_rng = [], np.random.default_rng(1)
+    for _ in range(repeats):
+        added, removed = whitening.apply(unit_rows(EDIT, dim, edit_rng)), edit_rng.choice(count, EDIT, replace=False)
+        kept = np.setdiff1d(np.arange(count), removed)
+        after = np.vstack([base[kept], added])
+        edit = {}
+        for name, (nearest, similarities) in fits.items():
+            lost = np.isin(nearest[kept], removed).any(axis=1)
+            nearer = (base[kept] @ added.T).max(axis=1) > similarities[kept, -1]
+            candidates = np.flatnonzero(lost | nearer)
+            entered = (nearest_others(after, candidates, n)[0] >= len(kept)).any(axis=1)
+            edit[name] = {"lost": int(lost.sum()), "nearer_than_stored": int(nearer.sum()), "entered": int(entered.sum()),
+                          "changed_if_nearer": len(candidates) + EDIT, "changed_if_entered": int((lost[candidates] | entered).sum()) + EDIT}
+        edits.append(edit)
+    return {"kind": "neighbours", "items": count, "dim": dim, "hnsw": asdict(params), "graph_fit_seconds": round(graph_s, 1),
+            "exact_fit_seconds": round(exact_s, 1), "graph_recall_at_5": round(recall, 3), "reach_too_low_share": round(too_low, 4),
+            "edits": edits}
+
+
 def fastret(*argv: object) -> tuple[float, str]:
     started = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "fastret.cli.main", *map(str, argv)], capture_output=True, text=True)
@@ -239,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--synthetic", type=int, action="append", default=[], metavar="N", help="items (repeatable)")
     parser.add_argument("--dim", type=int, default=512, help="synthetic embedding size (default: CLIP's 512)")
     parser.add_argument("--ef-construction", type=int, default=40, help="synthetic graph build ef (default: 40)")
+    parser.add_argument("--neighbours", type=int, metavar="N", help="graph vs exact DBA neighbourhoods on N items")
     parser.add_argument("--real", type=Path, help="a folder of images to index and edit (a copy is made)")
     parser.add_argument("--pool", type=Path, help="images copied into the real folder by the edits")
     parser.add_argument("--add", type=int, default=EDIT, help="images each real edit copies in (default: %(default)s)")
@@ -258,9 +299,16 @@ def main(argv: list[str] | None = None) -> int:
     params = HnswParams(M=16, ef_construction=args.ef_construction)
     for count in args.synthetic:
         results.append(run_synthetic(count, args.dim, params, args.work, args.repeats))
+    if args.neighbours:
+        results.append(neighbour_check(args.neighbours, args.dim, params, args.repeats))
     write_json(args.out, {"command": " ".join(sys.argv), "machine": machine(), "results": results})
     rows = []
     for result in results:
+        if result["kind"] == "neighbours":
+            print(json.dumps({key: value for key, value in result.items() if key != "edits"}))
+            for edit in result["edits"]:
+                print(json.dumps(edit))
+            continue
         for edit in result["edits"]:
             edit.setdefault("graph", "kept")
         median = lambda key: float(np.median([edit[key] for edit in result["edits"]]))  # noqa: E731
@@ -279,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
                              f"{100 * edit['new_bytes'] / edit['index_bytes']:.2f}%"])
     print(table(["index", "seconds", "bytes written", "index bytes", "share"], rows))
     print(json.dumps({r["kind"] + str(r["items"]): {k: v for k, v in r.items() if k.startswith("load") or k.startswith(
-        "build") or k.startswith("full")} for r in results}, indent=1))
+        "build") or k.startswith("full")} for r in results if r["kind"] != "neighbours"}, indent=1))
     return 0
 
 
