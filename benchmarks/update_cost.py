@@ -10,6 +10,12 @@ cost of an edit does not depend on the graph's quality). Then, in this process, 
 - `compact`: a compaction (one segment, a fresh graph);
 - `load`: Index.load after the edits (segments gathered into one array) and after compaction (mapped).
 
+`--neighbours N`: why an edit changes the re-ranking rows it does, on N such vectors: the DBA
+neighbourhoods found through a graph (as a fit above 50,000 items finds them) against exact ones
+(their recall, and how often the stored 5th-neighbour similarity is too low), then `--repeats`
+edits of +10 / -10 counted both ways: rows that lost a neighbour, rows a new item is nearer to than
+their stored 5th, and rows whose exact 5 nearest a new item truly enters.
+
 A real index (`--real DIR`): `fastret index DIR` once (full), then `--add` images (default 10)
 copied in from `--pool` and `--remove` (default 10) deleted, and `fastret index DIR` again as a
 fresh process, `--repeats` times.
@@ -21,6 +27,7 @@ for in-process edits, the process's write() bytes from /proc/self/io).
     python benchmarks/update_cost.py --real /tmp/scaled/db --pool /tmp/scaled/queries --work /tmp/uc
     python benchmarks/update_cost.py --synthetic 100000 --work /tmp/uc
     python benchmarks/update_cost.py --synthetic 1000000 --work /tmp/uc
+    python benchmarks/update_cost.py --neighbours 100000 --work /tmp/uc   # ~5 min here, most of it the exact fit
     python benchmarks/update_cost.py --real /tmp/wang980 --pool /tmp/wang20 --add 20 --remove 10 --repeats 1 \
         --work /tmp/uc   # the acceptance check: wang1k less 20 images, then +20 / -10
 """
@@ -45,6 +52,7 @@ from common import OUT, machine, peak_rss_mib, table, write_json  # noqa: E402
 
 from fastret.engine.decode import Preprocessing, list_images  # noqa: E402
 from fastret.engine.encoders import ModelInfo  # noqa: E402
+import fastret.engine.index as index_module  # noqa: E402
 from fastret.engine.index import (  # noqa: E402
     Additions,
     HnswParams,
@@ -107,6 +115,7 @@ def timed_edit(index_dir: Path, added: int, removed: int, rng: np.random.Generat
     """One edit through the engine: read the live state, write +added / -removed."""
     before = live_version(index_dir)
     previous = inodes(before)
+    rerank_before = rerank_of(before)
     wchar = written_chars()
     started = time.perf_counter()
     state = IndexState.read(index_dir)
@@ -118,7 +127,19 @@ def timed_edit(index_dir: Path, added: int, removed: int, rng: np.random.Generat
         Sources(np.full(added, 100_000, np.int64), np.full(added, 1, np.int64), rng.integers(0, 256, (added, 32), np.uint8)),
     )
     victims = rng.choice(state.ids, size=removed, replace=False) if removed else []
-    written = state.write(additions, victims, compact=compact)
+    changed_rows = []
+    update_state = index_module.update_state
+
+    def counted(*args):  # the re-ranking rows the edit changes, as the writer computes them
+        updated, changed = update_state(*args)
+        changed_rows.append(len(changed))
+        return updated, changed
+
+    index_module.update_state = counted
+    try:
+        written = state.write(additions, victims, compact=compact)
+    finally:
+        index_module.update_state = update_state
     seconds = time.perf_counter() - started
     return {
         "seconds": round(seconds, 3),
@@ -128,7 +149,26 @@ def timed_edit(index_dir: Path, added: int, removed: int, rng: np.random.Generat
         "index_bytes": index_bytes(written.version),
         "graph": written.graph,
         "compacted": written.compacted,
+        "rerank": {**rerank_of(written.version), "change": rerank_change(rerank_before, rerank_of(written.version)),
+                   "changed_rows": changed_rows[0] if changed_rows else None},
     }
+
+
+def rerank_of(version: Path) -> dict:
+    """The version's re-ranking state in brief: its graph file, parts, and the rows outside its graph."""
+    entry = json.loads((version / "manifest.json").read_text()).get("rerank") or {}
+    if "parts" not in entry:
+        return {}
+    covered = entry["graph"].get("parts", 1)
+    return {"graph": entry["graph"]["file"], "parts": len(entry["parts"]), "fitted": entry["fitted"],
+            "pending_rows": sum(part["rows"] for part in entry["parts"][covered:])}
+
+
+def rerank_change(before: dict, after: dict) -> str:
+    """What an edit did to the re-ranking state: 'refit', 'graph taken in', or 'part added'."""
+    if not after or after["fitted"] != before.get("fitted") or after["parts"] == 1:
+        return "refit"
+    return "graph taken in" if after["graph"] != before.get("graph") else "part added"
 
 
 def timed_load(index_dir: Path) -> float:
@@ -158,6 +198,39 @@ def run_synthetic(count: int, dim: int, params: HnswParams, work: Path, repeats:
     }
 
 
+def neighbour_check(count: int, dim: int, params: HnswParams, repeats: int) -> dict:
+    """Graph-found DBA neighbourhoods against exact ones, and the rows +10 / -10 edits change after each."""
+    from fastret.engine.rerank import RECOMMENDED_RERANK, _graph_neighbours, fit_pca_whitening, nearest_others
+
+    n, rng = RECOMMENDED_RERANK.dba_n, np.random.default_rng(0)
+    whitening = fit_pca_whitening(unit_rows(count, dim, rng), RECOMMENDED_RERANK.pca_dim, RECOMMENDED_RERANK.pca_power)
+    base = whitening.apply(unit_rows(count, dim, np.random.default_rng(0)))
+    started = time.perf_counter()
+    fits = {"graph": _graph_neighbours(base, n, lambda vectors, labels: build_hnsw(vectors, params, labels))}
+    graph_s, started = time.perf_counter() - started, time.perf_counter()
+    fits["exact"] = nearest_others(base, np.arange(count), n)
+    exact_s = time.perf_counter() - started
+    recall = float(np.mean([len(np.intersect1d(a, b)) for a, b in zip(fits["graph"][0], fits["exact"][0])])) / n
+    too_low = float(np.mean(fits["graph"][1][:, -1] < fits["exact"][1][:, -1] - 1e-6))
+    edits, edit_rng = [], np.random.default_rng(1)
+    for _ in range(repeats):
+        added, removed = whitening.apply(unit_rows(EDIT, dim, edit_rng)), edit_rng.choice(count, EDIT, replace=False)
+        kept = np.setdiff1d(np.arange(count), removed)
+        after = np.vstack([base[kept], added])
+        edit = {}
+        for name, (nearest, similarities) in fits.items():
+            lost = np.isin(nearest[kept], removed).any(axis=1)
+            nearer = (base[kept] @ added.T).max(axis=1) > similarities[kept, -1]
+            candidates = np.flatnonzero(lost | nearer)
+            entered = (nearest_others(after, candidates, n)[0] >= len(kept)).any(axis=1)
+            edit[name] = {"lost": int(lost.sum()), "nearer_than_stored": int(nearer.sum()), "entered": int(entered.sum()),
+                          "changed_if_nearer": len(candidates) + EDIT, "changed_if_entered": int((lost[candidates] | entered).sum()) + EDIT}
+        edits.append(edit)
+    return {"kind": "neighbours", "items": count, "dim": dim, "hnsw": asdict(params), "graph_fit_seconds": round(graph_s, 1),
+            "exact_fit_seconds": round(exact_s, 1), "graph_recall_at_5": round(recall, 3), "reach_too_low_share": round(too_low, 4),
+            "edits": edits}
+
+
 def fastret(*argv: object) -> tuple[float, str]:
     started = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "fastret.cli.main", *map(str, argv)], capture_output=True, text=True)
@@ -184,6 +257,7 @@ def run_real(folder: Path, pool: Path, work: Path, repeats: int, model: str, add
     edits = []
     for repeat in range(repeats):
         previous = inodes(live_version(index_dir))
+        rerank_before = rerank_of(live_version(index_dir))
         victims = rng.choice(list_images(root), size=remove, replace=False)
         for number, path in enumerate(spare[repeat * add : (repeat + 1) * add]):
             target = root / path.parent.name / f"added-{repeat}-{number}{path.suffix}"
@@ -194,7 +268,8 @@ def run_real(folder: Path, pool: Path, work: Path, repeats: int, model: str, add
         seconds, line = fastret("index", root, "--out", index_dir, "-q")
         version = live_version(index_dir)
         edits.append({"seconds": round(seconds, 2), "new_bytes": new_bytes(version, previous),
-                      "index_bytes": index_bytes(version), "summary": line})
+                      "index_bytes": index_bytes(version), "summary": line,
+                      "rerank": {**rerank_of(version), "change": rerank_change(rerank_before, rerank_of(version))}})
     return {"kind": "real", "folder": str(folder), "items": len(list_images(root)), "model": model,
             "full_index_seconds": round(full_s, 1), "full_index_line": full_line, "edits": edits}
 
@@ -204,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--synthetic", type=int, action="append", default=[], metavar="N", help="items (repeatable)")
     parser.add_argument("--dim", type=int, default=512, help="synthetic embedding size (default: CLIP's 512)")
     parser.add_argument("--ef-construction", type=int, default=40, help="synthetic graph build ef (default: 40)")
+    parser.add_argument("--neighbours", type=int, metavar="N", help="graph vs exact DBA neighbourhoods on N items")
     parser.add_argument("--real", type=Path, help="a folder of images to index and edit (a copy is made)")
     parser.add_argument("--pool", type=Path, help="images copied into the real folder by the edits")
     parser.add_argument("--add", type=int, default=EDIT, help="images each real edit copies in (default: %(default)s)")
@@ -223,15 +299,27 @@ def main(argv: list[str] | None = None) -> int:
     params = HnswParams(M=16, ef_construction=args.ef_construction)
     for count in args.synthetic:
         results.append(run_synthetic(count, args.dim, params, args.work, args.repeats))
+    if args.neighbours:
+        results.append(neighbour_check(args.neighbours, args.dim, params, args.repeats))
     write_json(args.out, {"command": " ".join(sys.argv), "machine": machine(), "results": results})
     rows = []
     for result in results:
+        if result["kind"] == "neighbours":
+            print(json.dumps({key: value for key, value in result.items() if key != "edits"}))
+            for edit in result["edits"]:
+                print(json.dumps(edit))
+            continue
         for edit in result["edits"]:
             edit.setdefault("graph", "kept")
         median = lambda key: float(np.median([edit[key] for edit in result["edits"]]))  # noqa: E731
         rows.append([f"{result['kind']} {result['items']:,}", round(median("seconds"), 3),
                      int(median("new_bytes")), result["edits"][0]["index_bytes"],
                      f"{100 * median('new_bytes') / result['edits'][0]['index_bytes']:.4f}%"])
+        taken = [edit for edit in result["edits"] if edit.get("rerank", {}).get("change") == "graph taken in"]
+        if taken:
+            rows.append([f"  re-ranking graph taken in ({len(taken)} of {len(result['edits'])})",
+                         max(edit["seconds"] for edit in taken), max(edit["new_bytes"] for edit in taken),
+                         taken[0]["index_bytes"], f"{100 * max(e['new_bytes'] for e in taken) / taken[0]['index_bytes']:.2f}%"])
         for name in ("graph_edit", "compact"):
             if name in result:
                 edit = result[name]
@@ -239,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
                              f"{100 * edit['new_bytes'] / edit['index_bytes']:.2f}%"])
     print(table(["index", "seconds", "bytes written", "index bytes", "share"], rows))
     print(json.dumps({r["kind"] + str(r["items"]): {k: v for k, v in r.items() if k.startswith("load") or k.startswith(
-        "build") or k.startswith("full")} for r in results}, indent=1))
+        "build") or k.startswith("full")} for r in results if r["kind"] != "neighbours"}, indent=1))
     return 0
 
 

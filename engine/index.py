@@ -15,7 +15,8 @@ Layout of an index directory::
     INDEX/v-<stamp>/graph-deleted.npy       ids removed since the graph was written (marked on load)
     INDEX/v-<stamp>/rerank-NNNNNN.*         the re-ranking state (engine/rerank.py) in parts: projected and
                                             DBA'd vectors and neighbourhoods of items; the first part's
-                                            files also hold the PCA and the HNSW graph of its vectors
+                                            files also hold the PCA and the HNSW graph of its vectors (a
+                                            graph written by a take-in has its own number and ids file)
 
 Segment and graph files never change once written. A new version hard-links the ones it keeps
 (copies them where the file system has no hard links) and writes only what changed: an edit of a
@@ -31,7 +32,8 @@ state with the stored PCA (`update_state`) and writes only the rows it changed (
 ones whose DBA neighbourhood changed) as a new part, linking the rest. A reader takes each item's
 row from the last part that holds it, marks the graph's nodes of removed and changed items
 deleted, and searches the changed rows exactly; when they pass max(GRAPH_PENDING_SHARE of the
-items, RERANK_PENDING_FLOOR) the edit takes them into the graph and writes the state whole. A full
+items, RERANK_PENDING_FLOOR) the edit takes them into the graph and writes the graph anew (with the
+ids it holds), the parts still linked: the graph covers them all. A full
 build, a compaction, or an edit that brings the items added since the fit past REFIT_SHARE of those
 fitted on fits it anew. Readers load it on first use.
 
@@ -1059,8 +1061,8 @@ class _UpdatePlan:
         Fitted anew and written whole on a compaction, with no state yet, when the items added
         since the fit pass REFIT_SHARE of those fitted on, or when the new count allows or forbids
         a step. Else updated with its PCA: the changed rows become a new part and the rest is
-        linked, until the rows outside the graph pass max(GRAPH_PENDING_SHARE of the items,
-        RERANK_PENDING_FLOOR): then the graph takes them in and the state is written whole.
+        linked; when the rows outside the graph pass max(GRAPH_PENDING_SHARE of the items,
+        RERANK_PENDING_FLOOR) the graph takes them in and is written anew, the parts still linked.
         """
         base, entry = self.base, _stored_rerank(self.base.manifest)
         options = _rerank_options(base.version, entry) or RECOMMENDED_RERANK
@@ -1077,38 +1079,52 @@ class _UpdatePlan:
         state, changed = update_state(state, self.added.embeddings, self.added_ids, self.removed)
         if len(state.pending) > max(GRAPH_PENDING_SHARE * len(state), RERANK_PENDING_FLOOR):
             graph, moved = _rerank_graph(base.version, entry, state, allow_replace_deleted=True)
-            return write_rerank(staging, take_in(state, graph, moved), self._number(), base.hnsw_params)
+            state = take_in(state, graph, moved)
         return self._rerank_delta(staging, known, entry, state, changed)
 
     def _rerank_delta(self, staging: Path, known: dict[str, dict], entry: dict, state: RerankState,
                       changed: np.ndarray) -> dict:
-        """Link the base state's graph, PCA and parts, add a part of the `changed` ids' rows, merge
-        small trailing parts as segments merge, and drop parts whose rows all went stale."""
+        """Link the base state's PCA and parts, add a part of the `changed` ids' rows, merge small
+        trailing parts as segments merge, and drop parts whose rows all went stale. The graph is
+        linked, or written anew when it has taken the pending rows in (`state.graph`): then every
+        part is one it covers. Parts the graph covers merge only with each other, pending ones too."""
         base, first = self.base, entry["parts"][0]
-        planned, later = [], np.asarray(changed, np.int64)
+        covered = _graph_parts(entry)
+        groups: tuple[list[_Planned], list[_Planned]] = ([], [])  # covered by the graph, pending
+        later = np.asarray(changed, np.int64)
         for number in reversed(range(1, len(entry["parts"]))):  # a row is stale once a later part holds its id
             name = entry["parts"][number]["name"]
             stored = np.load(base.version / _rerank_part_files(name)["ids"], allow_pickle=False)
             current = np.isin(stored, state.ids) & ~np.isin(stored, later)
             if current.any():
-                planned.insert(0, _Planned([number], stored, current, True))
+                groups[number >= covered].insert(0, _Planned([number], stored, current, True))
             later = np.union1d(later, stored)
         if len(changed):
-            planned.append(_Planned([-1], np.asarray(changed, np.int64), np.ones(len(changed), bool), False))
+            groups[1].append(_Planned([-1], np.asarray(changed, np.int64), np.ones(len(changed), bool), False))
+        taken_in = state.graph is not None
+        if taken_in:
+            groups = (groups[0] + groups[1], [])
         parts = [first]
-        for plan in _merge_trailing(planned):
-            if plan.keep:
-                part = entry["parts"][plan.origins[0]]
-                self._link_rerank(staging, known, _rerank_part_files(part["name"]).values())
-                parts.append(part)
-                continue
-            name = _name("rerank", self._number())
-            _write_rerank_part(staging, name, state, np.searchsorted(state.ids, plan.ids), entry["bound"])
-            parts.append({"name": name, "rows": len(plan.ids)})
+        for group in groups:
+            for plan in _merge_trailing(group):
+                if plan.keep:
+                    part = entry["parts"][plan.origins[0]]
+                    self._link_rerank(staging, known, _rerank_part_files(part["name"]).values())
+                    parts.append(part)
+                    continue
+                name = _name("rerank", self._number())
+                _write_rerank_part(staging, name, state, np.searchsorted(state.ids, plan.ids), entry["bound"])
+                parts.append({"name": name, "rows": len(plan.ids)})
+            if group is groups[0]:
+                covered = len(parts)
         pca = entry["pca"]
-        self._link_rerank(staging, known, [*_rerank_part_files(first["name"]).values(), entry["graph"]["file"],
-                                           *(pca.values() if pca else ())])
-        return _rerank_entry(state, base.hnsw_params, parts, entry["bound"], entry["graph"], pca)
+        self._link_rerank(staging, known, [*_rerank_part_files(first["name"]).values(), *(pca.values() if pca else ())])
+        if taken_in:
+            graph = _write_rerank_graph(staging, _name("rerank", self._number()), state, covered)
+        else:
+            graph = {**entry["graph"], "parts": covered}
+            self._link_rerank(staging, known, _rerank_graph_files(graph))
+        return _rerank_entry(state, base.hnsw_params, parts, entry["bound"], graph, pca)
 
     def _link_rerank(self, staging: Path, known: dict[str, dict], names) -> None:
         for name in names:
@@ -1491,7 +1507,31 @@ def _rerank_files(entry: dict) -> list[str]:
     """Every file of a re-ranking state's manifest entry (KeyError / TypeError when it is not one)."""
     pca = entry["pca"]
     parts = [file for part in entry["parts"] for file in _rerank_part_files(part["name"]).values()]
-    return [*parts, entry["graph"]["file"], *(pca.values() if pca else ())]
+    return [*parts, *_rerank_graph_files(entry["graph"]), *(pca.values() if pca else ())]
+
+
+def _rerank_graph_files(graph: dict) -> list[str]:
+    """The files of a re-ranking graph's manifest entry: the graph, and the ids it holds when recorded."""
+    return [graph["file"], *([graph["ids"]] if "ids" in graph else [])]
+
+
+def _graph_parts(entry: dict) -> int:
+    """How many of a state's parts (from the first) its graph covers: it holds each of their ids'
+    newest row among them; the ids of later parts are pending. One when the entry does not say."""
+    return entry["graph"].get("parts", 1)
+
+
+def _write_rerank_graph(staging: Path, name: str, state: RerankState, parts: int | None = None) -> dict:
+    """Save a state's graph (no row pending) as `name`.graph.bin; its manifest entry. A graph that
+    covers more `parts` than the first one records the ids it holds unmarked (the live ones)."""
+    graph = {"file": f"{name}.graph.bin"}
+    state.graph.save_index(str(staging / graph["file"]))
+    slots = int(state.graph.get_current_count())
+    graph.update(slots=slots, marked=slots - len(state))
+    if parts is not None:
+        graph.update(ids=f"{name}.graph-ids.npy", parts=parts)
+        np.save(staging / graph["ids"], state.ids)
+    return graph
 
 
 def _write_rerank_part(staging: Path, name: str, state: RerankState, rows: np.ndarray | None = None,
@@ -1530,11 +1570,8 @@ def write_rerank(staging: Path, state: RerankState | None, number: int, params: 
         pca = {"mean": f"{name}.mean.npy", "projection": f"{name}.projection.npy"}
         np.save(staging / pca["mean"], state.whitening.mean)
         np.save(staging / pca["projection"], state.whitening.projection)
-    graph = f"{name}.graph.bin"
-    state.graph.save_index(str(staging / graph))
-    slots = int(state.graph.get_current_count())
     parts, bound = [{"name": name, "rows": len(state)}], int(state.ids[-1]) + 1 if len(state) else 0
-    return _rerank_entry(state, params, parts, bound, {"file": graph, "slots": slots, "marked": slots - len(state)}, pca)
+    return _rerank_entry(state, params, parts, bound, _write_rerank_graph(staging, name, state), pca)
 
 
 def _rerank_options(version: Path, entry: dict | None) -> RerankOptions | None:
@@ -1550,8 +1587,9 @@ def read_rerank(version: Path, entry: dict, ids: np.ndarray, *, with_graph: bool
     """A version's re-ranking state for its live `ids`, refusing files that disagree with its entry.
 
     One part that holds exactly the live items is memory-mapped; else each item's row comes from
-    the last part holding it (gathered into memory) and the rows of later parts are pending. The
-    graph (`with_graph`) comes with the nodes of removed and pending items marked deleted.
+    the last part holding it (gathered into memory) and the rows of parts the graph does not cover
+    are pending. The graph (`with_graph`) comes with the nodes of removed and pending items marked
+    deleted.
     """
     where = version / MANIFEST
     try:
@@ -1560,7 +1598,8 @@ def read_rerank(version: Path, entry: dict, ids: np.ndarray, *, with_graph: bool
         numbers = (entry["ef"], entry["fitted"], entry["added"])
         recall, notes = float(entry["recall"]), tuple(map(str, entry["notes"]))
         HnswParams(**entry["hnsw"])  # the graph's, read by _rerank_graph
-        sizes = [part["rows"] for part in parts] + [graph["slots"], graph["marked"]]
+        sizes = [part["rows"] for part in parts] + [graph["slots"], graph["marked"], _graph_parts(entry)]
+        held = _graph_held(version, entry)
         arrays = [{array: np.load(version / file, mmap_mode="r", allow_pickle=False)
                    for array, file in _rerank_part_files(part["name"]).items()} for part in parts]
         whitening = None
@@ -1574,12 +1613,14 @@ def read_rerank(version: Path, entry: dict, ids: np.ndarray, *, with_graph: bool
         wrong.append("its counts are not counts")
     else:
         wrong += _rerank_part_problems(parts, arrays, dim, ran.dba_n + 1 if ran.dba_n else 0, bound)
-        if graph["slots"] - graph["marked"] != parts[0]["rows"]:
-            wrong.append(f"its graph holds {graph['slots'] - graph['marked']} items, its first part {parts[0]['rows']}")
+        if graph["slots"] - graph["marked"] != len(held) or held.dtype != np.int64 or held.ndim != 1:
+            wrong.append(f"its graph holds {graph['slots'] - graph['marked']} items, its ids {held.dtype} {held.shape}")
+        if not 1 <= _graph_parts(entry) <= len(parts):
+            wrong.append(f"its graph covers {_graph_parts(entry)} of its {len(parts)} parts")
     if whitening is not None and (whitening.mean.shape != (len(whitening.projection),) or whitening.projection.shape[1] != dim):
         wrong.append(f"the PCA's shapes {whitening.mean.shape} {whitening.projection.shape} do not project to {dim}")
     if not wrong:
-        merged, pending = _merge_rerank_parts(arrays, ids, bound)
+        merged, pending = _merge_rerank_parts(arrays, ids, bound, _graph_parts(entry))
         if count != len(ids) or merged is None:
             wrong.append("its items are not the version's live items")
     if wrong:
@@ -1609,11 +1650,11 @@ def _rerank_part_problems(parts: list[dict], arrays: list[dict[str, np.ndarray]]
 
 
 def _merge_rerank_parts(
-    parts: list[dict[str, np.ndarray]], ids: np.ndarray, bound: int
+    parts: list[dict[str, np.ndarray]], ids: np.ndarray, bound: int, covered: int = 1
 ) -> tuple[dict[str, np.ndarray] | None, np.ndarray]:
     """The rows of the live `ids` (in id order), each from the last part that holds it (a projected
     row of an id below `bound` from the first), and the rows that came from parts after the first
-    (pending); None when a live id has no row."""
+    `covered` (pending: outside the graph); None when a live id has no row."""
     first = parts[0]
     if len(parts) == 1 and np.array_equal(first["ids"], ids):
         return {array: np.asarray(first[array]) for array in RERANK_ARRAYS}, np.empty(0, np.int64)
@@ -1622,9 +1663,9 @@ def _merge_rerank_parts(
     merged = {array: np.empty((len(ids), *first[array].shape[1:]), first[array].dtype) for array in RERANK_ARRAYS}
     for array in RERANK_ARRAYS:
         np.compress(kept, first[array], axis=0, out=merged[array][:head])
-    pending, projected = np.zeros(len(ids), bool), np.zeros(len(ids), bool)
-    projected[:head] = True
-    for part in parts[1:]:
+    pending, filled, projected = np.zeros(len(ids), bool), np.zeros(len(ids), bool), np.zeros(len(ids), bool)
+    filled[:head] = projected[:head] = True
+    for number, part in enumerate(parts[1:], start=1):
         live = np.isin(part["ids"], ids)
         rows = np.searchsorted(ids, part["ids"][live])
         for array in RERANK_ARRAYS:
@@ -1632,10 +1673,9 @@ def _merge_rerank_parts(
                 merged[array][rows] = part[array][live]
         added = part["ids"] >= bound  # the ids the part has projected rows of
         merged["base"][rows[added[live]]] = part["base"][live[added]]
-        pending[rows] = True
+        pending[rows] = number >= covered
+        filled[rows] = True
         projected[rows[added[live]]] = True
-    filled = pending.copy()
-    filled[:head] = True
     if not (filled & projected).all() or not np.array_equal(merged["ids"], ids):
         return None, np.empty(0, np.int64)
     for values in merged.values():
@@ -1644,11 +1684,11 @@ def _merge_rerank_parts(
 
 
 def _rerank_graph(version: Path, entry: dict, state: RerankState, *, allow_replace_deleted: bool = False):
-    """The stored graph of a re-ranking state (it holds the first part's ids unmarked) with the nodes
-    of items removed or pending in `state` marked deleted; and the pending ids it has nodes of."""
+    """The stored graph of a re-ranking state with the nodes of items removed or pending in `state`
+    marked deleted; and the pending ids it has nodes of."""
     graph = entry["graph"]
     path = version / graph["file"]
-    held = np.load(version / _rerank_part_files(entry["parts"][0]["name"])["ids"], allow_pickle=False)
+    held = _graph_held(version, entry)
     pending = state.ids[state.pending]
     moved = np.isin(held, pending)
     loaded = load_hnsw(path, state.base.shape[1], graph["slots"], HnswParams(**entry["hnsw"]),
@@ -1659,6 +1699,12 @@ def _rerank_graph(version: Path, entry: dict, state: RerankState, *, allow_repla
     except RuntimeError as exc:
         raise BadIndex(f"{path}: damaged index, cannot mark a removed item ({exc}); {REINDEX}") from None
     return loaded, held[moved]
+
+
+def _graph_held(version: Path, entry: dict) -> np.ndarray:
+    """The ids a state's graph holds unmarked as written: those it records, else the first part's."""
+    name = entry["graph"].get("ids") or _rerank_part_files(entry["parts"][0]["name"])["ids"]
+    return np.load(version / name, mmap_mode="r", allow_pickle=False)
 
 
 # --- the directory ----------------------------------------------------------------------------

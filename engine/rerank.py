@@ -624,12 +624,15 @@ def update_state(state: RerankState, embeddings: np.ndarray, new_ids: np.ndarray
                  removed: np.ndarray) -> tuple[RerankState, np.ndarray]:
     """The state after an edit, with the stored PCA, and the ids of the rows the edit changed: the
     new items (projected and augmented) and every item whose DBA neighbourhood the edit changes (a
-    neighbour removed, or a new item nearer than its n-th), augmented again.
+    neighbour removed, or a new item among its n nearest), augmented again.
 
-    Neighbourhoods are found exactly, so the rows equal `fit_state`'s of the live items with the
-    same whitening (to float rounding). The graph is not touched: the changed rows join the
-    pending ones (searched exactly), and the returned state holds no graph; the writer loads the
-    stored one marked for it, or takes the pending rows in (`take_in`).
+    Neighbourhoods are found exactly, so after an exact fit the rows equal `fit_state`'s of the live
+    items with the same whitening (to float rounding). A fit through a graph may store an n-th
+    neighbour farther than the true one; a new item nearer than that changes the row only when it
+    is among the row's n nearest, so an edit changes about as many rows as after an exact fit.
+    The graph is not touched: the changed rows join the pending ones (searched exactly), and the
+    returned state holds no graph; the writer loads the stored one marked for it, or takes the
+    pending rows in (`take_in`).
     """
     new_ids = np.asarray(new_ids, dtype=np.int64)
     removed = np.asarray(removed, dtype=np.int64)
@@ -646,13 +649,16 @@ def update_state(state: RerankState, embeddings: np.ndarray, new_ids: np.ndarray
     n = state.ran.dba_n
     if n:
         lost = np.isin(neighbours[:old, 1:], removed).any(axis=1)
-        entered = np.zeros(old, bool)
+        nearer = np.zeros(old, bool)  # a new item nearer than the stored n-th neighbour
         block = max(1, NEIGHBOUR_BLOCK_CELLS // max(1, len(new_ids)))
         for start in range(0, old if len(new_ids) else 0, block):
             stop = min(start + block, old)
-            entered[start:stop] = (base[start:stop] @ new_base.T).max(axis=1) > reach[start:stop]
-        changed = np.concatenate([np.flatnonzero(lost | entered), new_rows])
-        nearest, similarities = nearest_others(base, changed, n)
+            nearer[start:stop] = (base[start:stop] @ new_base.T).max(axis=1) > reach[start:stop]
+        candidates = np.concatenate([np.flatnonzero(lost | nearer), new_rows])
+        nearest, similarities = nearest_others(base, candidates, n)
+        entered = (nearest >= old).any(axis=1)  # a new item among the n nearest
+        take = np.concatenate([lost[candidates[candidates < old]], np.ones(len(new_rows), bool)]) | entered
+        changed, nearest, similarities = candidates[take], nearest[take], similarities[take]
         vectors[changed] = _augment(base, changed, nearest, similarities, state.ran.dba_alpha)
         neighbours[changed] = np.hstack([ids[changed][:, None], np.where(nearest >= 0, ids[np.maximum(nearest, 0)], -1)])
         reach[changed] = similarities[:, -1]

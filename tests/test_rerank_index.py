@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import fastret.engine.index as index_module
+import fastret.engine.rerank as rerank_module
 from fastret.engine.decode import Preprocessing
 from fastret.engine.encoders import ModelInfo
 from fastret.engine.index import (
@@ -202,21 +203,63 @@ def test_edits_write_their_changed_rows_and_rank_as_a_fresh_write_of_the_state(t
     assert verify_index(index_dir) == []
 
 
-def test_an_edit_takes_the_changed_rows_into_the_graph_past_the_floor(tmp_path, monkeypatch):
+def fresh_ranking(index, whitening, queries, excludes=None) -> np.ndarray:
+    """Re-ranked top-10 of a fresh write of the index's state (the same PCA), searched exactly."""
+    fresh = fit_rerank(index.embeddings, index.ids, SMALL, HnswParams(M=8, ef_construction=100), whitening=whitening)
+    return rerank_search(fresh.prepared(), queries, 10, SMALL, excludes)[0]
+
+
+def test_a_take_in_writes_the_graph_and_links_the_parts(tmp_path, monkeypatch):
     index_dir = saved_index(tmp_path, 300)
+    whitening = Index.load(index_dir).rerank_state().whitening
     edit(index_dir, 4, seed=31, removed=[8])
+    old = json.loads((live_version(index_dir) / "manifest.json").read_text())["rerank"]
+    inodes = {path.name: path.stat().st_ino for path in live_version(index_dir).iterdir()}
     monkeypatch.setattr(index_module, "RERANK_PENDING_FLOOR", 10)
     written = edit(index_dir, 4, seed=32, removed=[9])
     manifest = json.loads((written.version / "manifest.json").read_text())["rerank"]
+    assert manifest["parts"][0] == old["parts"][0] and manifest["graph"]["parts"] == len(manifest["parts"])
+    for name in index_module._rerank_part_files(old["parts"][0]["name"]).values():  # linked, not rewritten
+        assert (written.version / name).stat().st_ino == inodes[name]
+    state_files = list(written.version.glob("rerank-*"))
+    new_files = [path for path in state_files if inodes.get(path.name) != path.stat().st_ino]
+    new_parts = [part for part in manifest["parts"] if part not in old["parts"]]
+    assert {path.name for path in new_files} == {manifest["graph"]["file"], manifest["graph"]["ids"], *(
+        name for part in new_parts for name in index_module._rerank_part_files(part["name"]).values())}
     index = Index.load(index_dir)
     state = index.rerank_state()
-    assert len(manifest["parts"]) == 1 and not len(state.pending) and state.fitted == 300
+    assert not len(state.pending) and state.fitted == 300
     assert sorted(set(state.graph.get_ids_list()) - {8, 9}) == state.ids.tolist()  # removed items' slots marked
     queries = clustered(40, seed=33)
-    np.testing.assert_array_equal(graph_search(state, queries, 10, SMALL, ef=len(state))[0],
-                                  rerank_search(state.prepared(), queries, 10, SMALL)[0])
+    truth = fresh_ranking(index, whitening, queries)
+    np.testing.assert_array_equal(graph_search(state, queries, 10, SMALL, ef=len(state))[0], truth)
+    np.testing.assert_array_equal(rerank_search(state.prepared(), queries, 10, SMALL)[0], truth)
     hits = Retriever(index).search_vector(clustered(4, seed=32)[2], SearchOptions(k=1, rerank=SMALL))
     assert hits[0].item_id == written.added_ids[2]
+    assert verify_index(index_dir) == []
+
+
+def test_edits_after_a_take_in_keep_its_parts_covered_and_rank_as_a_fresh_write(tmp_path, monkeypatch):
+    index_dir = saved_index(tmp_path, 300)
+    whitening = Index.load(index_dir).rerank_state().whitening
+    monkeypatch.setattr(index_module, "RERANK_PENDING_FLOOR", 30)
+    for seed, removed in [(51, [3]), (52, [4, 300]), (53, []), (54, [7, 302]), (55, [11]), (56, [12, 13]), (57, [14])]:
+        written = edit(index_dir, 3, seed, removed)
+        manifest = json.loads((written.version / "manifest.json").read_text())["rerank"]
+        index = Index.load(index_dir)
+        state = index.rerank_state()
+        covered = manifest["graph"]["parts"]
+        later = [np.load(written.version / f"{part['name']}.ids.npy") for part in manifest["parts"][covered:]]
+        assert set(state.ids[state.pending]) == set(np.concatenate([np.empty(0, np.int64), *later]).tolist())
+        newest = np.arange(len(state) - 5, len(state))  # rows the last edits changed
+        queries = np.vstack([clustered(20, seed=seed + 100), np.asarray(index.embeddings[newest])])
+        truth = fresh_ranking(index, whitening, queries)
+        np.testing.assert_array_equal(graph_search(state, queries, 10, SMALL, ef=len(state))[0], truth)
+        excludes = [frozenset({int(row)}) for row in newest]  # leave-one-out
+        np.testing.assert_array_equal(graph_search(state, queries[20:], 10, SMALL, excludes, ef=len(state))[0],
+                                      fresh_ranking(index, whitening, queries[20:], excludes))
+    assert verify_index(index_dir) == []
+    assert "ids" in manifest["graph"]  # the graph was taken in at least once
 
 
 def test_a_state_written_before_states_had_parts_reads_as_one_part(tmp_path):
@@ -234,3 +277,53 @@ def test_a_state_written_before_states_had_parts_reads_as_one_part(tmp_path):
     edit(index_dir, 4, seed=41)
     assert Index.load(index_dir).rerank_state().ids[-4:].tolist() == [300, 301, 302, 303]
     assert verify_index(index_dir) == []
+
+
+def test_a_state_with_parts_written_before_take_ins_kept_them_loads_and_edits(tmp_path, monkeypatch):
+    """main's manifests before this change: a graph entry without `parts` / `ids` covers the first part."""
+    index_dir = saved_index(tmp_path, 300)
+    whitening = Index.load(index_dir).rerank_state().whitening
+    edit(index_dir, 4, seed=61, removed=[2])
+    edit(index_dir, 4, seed=62, removed=[301])
+    path = live_version(index_dir) / "manifest.json"
+    manifest = json.loads(path.read_text())
+    assert len(manifest["rerank"]["parts"]) > 1
+    manifest["rerank"]["graph"] = {key: manifest["rerank"]["graph"][key] for key in ("file", "slots", "marked")}
+    path.write_text(json.dumps(manifest))
+    stored = [np.load(path.parent / f"{part['name']}.ids.npy") for part in manifest["rerank"]["parts"][1:]]
+    state = Index.load(index_dir).rerank_state()
+    assert set(state.ids[state.pending]) == set(np.concatenate(stored).tolist()) & set(state.ids.tolist())
+    monkeypatch.setattr(index_module, "RERANK_PENDING_FLOOR", 10)
+    edit(index_dir, 4, seed=63, removed=[5])
+    index = Index.load(index_dir)
+    state = index.rerank_state()
+    assert not len(state.pending)
+    queries = clustered(20, seed=64)
+    np.testing.assert_array_equal(graph_search(state, queries, 10, SMALL, ef=len(state))[0],
+                                  fresh_ranking(index, whitening, queries))
+    assert verify_index(index_dir) == []
+
+
+def random_rows(count: int, dim: int, seed: int) -> np.ndarray:
+    rows = np.random.default_rng(seed).standard_normal((count, dim)).astype(np.float32)
+    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+
+def test_an_edit_after_a_fit_through_a_graph_changes_about_the_rows_an_exact_fit_would(monkeypatch):
+    """Random 256-d rows and a sparse graph: the graph fit's 5th neighbours are too far for nearly
+    every row, so many rows seem to let a new item in; only those whose 5 nearest truly change move."""
+    count, options = 3000, RerankOptions(dba_n=5)
+    embeddings, ids = random_rows(count, 256, seed=0), np.arange(count)
+    make_graph = lambda vectors, labels: index_module.build_hnsw(vectors, HnswParams(M=4, ef_construction=8), labels)  # noqa: E731
+    exact = rerank_module.fit_state(embeddings, ids, options, make_graph)
+    monkeypatch.setattr(rerank_module, "EXACT_NEIGHBOURS", 100)
+    approximate = rerank_module.fit_state(embeddings, ids, options, make_graph)
+    assert "through a graph" in approximate.notes[-1] and np.mean(approximate.reach < exact.reach - 1e-6) > 0.9
+    added, new_ids, removed = random_rows(10, 256, seed=1), np.arange(count, count + 10), np.arange(5, 3000, 300)
+    changed = {name: set(rerank_module.update_state(state, added, new_ids, removed)[1].tolist())
+               for name, state in (("exact", exact), ("approximate", approximate))}
+    lost = {name: set(state.ids[np.isin(state.neighbours[:, 1:], removed).any(axis=1)].tolist()) - set(removed.tolist())
+            for name, state in (("exact", exact), ("approximate", approximate))}
+    either_lost = lost["exact"] | lost["approximate"]  # the fits' neighbourhoods differ, so do these
+    assert changed["approximate"] - either_lost == changed["exact"] - either_lost  # new items, rows they enter
+    assert len(changed["approximate"]) <= 1.5 * len(changed["exact"])
