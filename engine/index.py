@@ -35,7 +35,7 @@ deleted, and searches the changed rows exactly; when they pass max(GRAPH_PENDING
 items, RERANK_PENDING_FLOOR) the edit takes them into the graph and writes the graph anew (with the
 ids it holds), the parts still linked: the graph covers them all. A full
 build, a compaction, or an edit that brings the items added since the fit past REFIT_SHARE of those
-fitted on fits it anew. Readers load it on first use.
+fitted on fits it anew. Index.load reads it with the rest (`rerank=False`: on first use).
 
 Item ids are stable: an id is never given to another file within the index's life, the rows of
 `Index.embeddings` are the live items in id order, and `Index.ids[row]` is a row's id.
