@@ -142,7 +142,7 @@ def open_for_duplicates(
     store, which keeps no thumbnails: the images it proposes are decoded), or a folder indexed in memory."""
     path = Path(path).expanduser()
     if holds_index(path):
-        return Retriever(open_index(path))
+        return Retriever(open_index(path, rerank=False))  # the finder ranks by plain cosines
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: neither a fastret index nor a folder")
     encoder = open_encoder(model, backend, threads=threads, image_dir=path, precision=precision,

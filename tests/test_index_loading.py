@@ -11,6 +11,7 @@ from fastret.engine.decode import Preprocessing
 from fastret.engine.encoders import ModelInfo
 from fastret.engine.index import Additions, HnswParams, Index, IndexState, Item, Sources, live_version
 from fastret.engine.rerank import RerankOptions
+from fastret.service.duplicates import open_for_duplicates
 from fastret.service.search import Retriever, SearchOptions
 
 DIM = 16
@@ -87,3 +88,9 @@ def test_a_graph_with_a_bad_header_is_refused_when_the_index_is_opened_even_if_l
     graph.write_bytes(bytes(data))
     with pytest.raises(index_module.BadIndex, match="graph-000000.bin checksum mismatch"):
         Index.load(saved, graph=False, rerank=False)
+
+
+def test_the_duplicate_finder_leaves_the_reranking_state_on_disk(saved):
+    """It ranks candidates by plain cosines through the raw graph: the state would be read for nothing."""
+    index = open_for_duplicates(saved).index
+    assert index.reranking is None and index.search_kind(False) == "hnsw"
