@@ -85,7 +85,8 @@ def test_a_damaged_query_model_is_compiled_in_memory(bundled_source, info, artef
 def test_the_search_path_imports_no_heavy_library(wang1k_index, wang1k):
     """`fastret search` stays quick to start: none of the libraries only jobs or the web app need."""
     query = next(wang1k.glob("*/*.jpg"))
-    heavy = ["torch", "transformers", "fastapi", "tqdm", "cv2", "onnx", "nncf", "openvino.tools.ovc"]
+    heavy = ["torch", "transformers", "fastapi", "tqdm", "cv2", "onnx", "nncf", "openvino.tools.ovc", "numpy.ma",
+             "multiprocessing"]
     script = (
         "import sys; from fastret.cli.main import main; "
         f"main(['search', {str(query)!r}, '--index', {str(wang1k_index)!r}]); "
